@@ -1,0 +1,97 @@
+"""LightningModule for episodic few-shot training and evaluation.
+
+It knows the episode batch contract (docs/architecture.md) and the model contract, and
+nothing of datasets' file layouts or of any model's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from fss.lightning.optim import build_optimizer, build_scheduler
+from fss.metrics import FewShotIoU
+
+
+class FewShotModule(L.LightningModule):
+    """Trains with the model's ``training_loss``; validates/tests with ``predict`` + FewShotIoU.
+
+    Args:
+        model: a few-shot model following the contract (forward / predict / training_loss).
+        optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``).
+        scheduler: optional factory ``optimizer[, total_steps] -> LRScheduler``, stepped
+            every optimizer step.
+        eval_class_ids: 0-based classes scored in val/test (the fold's novel classes).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        eval_class_ids: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.eval_class_ids = [int(c) for c in eval_class_ids]
+        if not self.eval_class_ids:
+            raise ValueError("eval_class_ids is empty: pass the fold's novel classes")
+        self.val_iou = FewShotIoU(self.eval_class_ids)
+        self.test_iou = FewShotIoU(self.eval_class_ids)
+
+    # -- training ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model.training_loss(
+            batch["query_img"], batch["support_imgs"], batch["support_masks"], batch["query_mask"]
+        )
+        batch_size = batch["query_img"].shape[0]
+        for name, value in out.items():
+            if name != "logits" and torch.is_tensor(value) and value.dim() == 0:
+                self.log(f"train/{name}", value.detach(), prog_bar=name == "loss",
+                         on_step=True, on_epoch=True, batch_size=batch_size)
+        return out["loss"]
+
+    # -- evaluation -------------------------------------------------------------------
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: FewShotIoU) -> torch.Tensor:
+        preds = self.model.predict(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        metric.update(preds, batch["query_mask"], batch["class_id"])
+        return preds
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_iou)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_iou)
+
+    def _log_metric(self, stage: str, metric: FewShotIoU) -> None:
+        values = metric.compute()
+        self.log(f"{stage}/miou", values["miou"], prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/fbiou", values["fbiou"], prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/episodes", values["episodes"].float(), sync_dist=False)
+        for class_id, iou in zip(self.eval_class_ids, values["class_iou"].tolist(), strict=True):
+            if iou == iou:  # skip NaN (class not seen)
+                self.log(f"{stage}/iou_class{class_id}", iou, sync_dist=False)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric("val", self.val_iou)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric("test", self.test_iou)
+
+    # -- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: set model.optimizer in the config")
+        optimizer = build_optimizer(self.optimizer_factory, self.model)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,3 @@
+from fss.metrics.few_shot_iou import FewShotIoU
+
+__all__ = ["FewShotIoU"]
