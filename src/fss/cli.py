@@ -1,0 +1,72 @@
+"""Hydra job wrapper shared by run.py and the `fss-run` console script."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fss.utils.errors import ConfigError
+
+log = logging.getLogger("fss")
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """Runs one job; returns test mIoU (for sweepers).
+
+    A failing job writes ``metrics.json`` with ``status: failed`` and the error, so a
+    multirun report can say which jobs failed; configuration errors print one line.
+    """
+    from fss.pipeline import print_summary, run
+
+    try:
+        metrics = run(cfg)
+    except ConfigError as error:
+        _write_failure(cfg, error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        _write_failure(cfg, error)
+        raise
+    finally:
+        _finish_wandb()
+    print_summary(metrics)
+    return metrics["mIoU"]
+
+
+def _write_failure(cfg: DictConfig, error: BaseException) -> None:
+    try:
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "model": cfg.model.name, "data": cfg.data.name, "backbone": cfg.backbone.name,
+            "fold": cfg.fold, "shot": cfg.shot, "seed": cfg.seed, "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(limit=20),
+        }
+        (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    except Exception:  # never mask the original error
+        log.exception("could not write the failure record")
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def main() -> None:
+    """Console script: same as ``python run.py`` from the repository root."""
+    import runpy
+
+    root = Path.cwd()
+    if not (root / "run.py").exists() or not (root / "conf").is_dir():
+        sys.exit("fss-run must be started from the fss repository root (where run.py and conf/ are)")
+    sys.argv[0] = str(root / "run.py")
+    runpy.run_path(str(root / "run.py"), run_name="__main__")

@@ -1,0 +1,55 @@
+"""LightningModule for ordinary semantic segmentation on a fold's base classes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from fss.data.transforms import IGNORE_INDEX
+from fss.lightning.optim import build_optimizer, build_scheduler
+
+
+class SegmentationModule(L.LightningModule):
+    """Cross-entropy (ignore 255) training; validation mIoU over all base classes + background."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_iou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        self.log("pretrain/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.model(batch["image"])
+        self.val_iou.update(logits.argmax(1), batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("pretrain/val_miou", self.val_iou.compute() * 100, prog_bar=True)
+        self.val_iou.reset()
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optimizer_factory, self.model)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

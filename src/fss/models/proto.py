@@ -1,0 +1,120 @@
+"""Training-free reference models: the prototype baseline and all-foreground.
+
+The prototype baseline is the classic masked-average-pooling matcher: cosine similarity of
+each query feature to the mean support feature under the mask, thresholded. Its threshold
+is chosen on BASE-class episodes (never on the test classes), so it is a fair, training-free
+yardstick for what a learned few-shot head adds on top of the same frozen features.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fss.metrics import FewShotIoU
+from fss.models.backbones import build_backbone
+
+log = logging.getLogger(__name__)
+
+
+class PrototypeBaseline(nn.Module):
+    """cos(query feature, masked-average support prototype) > threshold → foreground.
+
+    Args:
+        backbone: backbone name (see ``fss.models.build_backbone``).
+        weights: backbone weights (``none``, ``imagenet`` or a torchvision-format file).
+        level: pyramid level whose post-ReLU output is matched (2 = stride 8).
+        threshold: decision threshold on the cosine map (set by :meth:`calibrate`).
+    """
+
+    def __init__(self, backbone: str = "resnet18", weights: str | None = None, level: int = 2,
+                 threshold: float = 0.5) -> None:
+        super().__init__()
+        self.backbone = build_backbone(backbone, weights)
+        if level not in self.backbone.levels:
+            raise ValueError(f"level={level} not in the backbone's levels {self.backbone.levels}")
+        self.level_index = self.backbone.levels.index(level)
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.level_outputs(self.backbone(images))[self.level_index]
+
+    @torch.no_grad()
+    def similarity(self, query_img: torch.Tensor, support_imgs: torch.Tensor,
+                   support_masks: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W), (B,K,3,H,W), (B,K,H,W) -> cosine map (B,H,W) in [-1, 1]."""
+        batch, shots = support_imgs.shape[:2]
+        query = self._features(query_img)
+        support = self._features(support_imgs.flatten(0, 1))
+        masks = F.interpolate(support_masks.flatten(0, 1).unsqueeze(1).float(),
+                              size=support.shape[-2:], mode="bilinear", align_corners=True)
+        prototypes = (support * masks).sum((2, 3)) / (masks.sum((2, 3)) + 1e-5)
+        prototype = prototypes.view(batch, shots, -1).mean(1)
+        cosine = F.cosine_similarity(query, prototype[:, :, None, None], dim=1)
+        return F.interpolate(cosine.unsqueeze(1), size=query_img.shape[-2:], mode="bilinear",
+                             align_corners=True).squeeze(1)
+
+    def forward(self, query_img, support_imgs, support_masks) -> torch.Tensor:
+        """2-class scores (B,2,H,W) whose argmax is the thresholded prediction."""
+        margin = self.similarity(query_img, support_imgs, support_masks) - self.threshold
+        return torch.stack([-margin, margin], dim=1)
+
+    def predict(self, query_img, support_imgs, support_masks) -> torch.Tensor:
+        return (self.similarity(query_img, support_imgs, support_masks) > self.threshold).long()
+
+    def calibrate(self, batches: Iterable[dict[str, torch.Tensor]], thresholds: int = 41) -> float:
+        """Picks the threshold in [0, 1] with the best mIoU over the given (base) episodes."""
+        candidates = np.linspace(0.0, 1.0, thresholds)
+        meters = [_GrowingIoU() for _ in candidates]
+        for batch in batches:
+            cosine = self.similarity(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+            for meter, threshold in zip(meters, candidates, strict=True):
+                meter.update((cosine > threshold).long(), batch["query_mask"], batch["class_id"])
+        if not meters[0].meters:
+            raise ValueError("no calibration episodes were given")
+        scores = [m.miou() for m in meters]
+        best = int(np.argmax(scores))
+        self.threshold.fill_(float(candidates[best]))
+        log.info("Prototype threshold %.3f (base-class mIoU %.2f)", candidates[best], scores[best])
+        return float(candidates[best])
+
+
+class _GrowingIoU:
+    """FewShotIoU over whatever classes show up (calibration sees the base classes)."""
+
+    def __init__(self) -> None:
+        self.meters: dict[int, FewShotIoU] = {}
+
+    def update(self, preds, target, class_ids) -> None:
+        for cls in class_ids.unique().tolist():
+            meter = self.meters.setdefault(cls, FewShotIoU([cls]))
+            keep = class_ids == cls
+            meter.update(preds[keep], target[keep], class_ids[keep])
+
+    def miou(self) -> float:
+        return float(np.mean([m.compute()["miou"].item() for m in self.meters.values()]))
+
+
+class AllForeground(nn.Module):
+    """Predicts foreground everywhere: the floor any few-shot model must clear."""
+
+    def forward(self, query_img, support_imgs, support_masks) -> torch.Tensor:
+        batch, _, height, width = query_img.shape
+        logits = torch.zeros(batch, 2, height, width, device=query_img.device)
+        logits[:, 1] = 1.0
+        return logits
+
+    def predict(self, query_img, support_imgs, support_masks) -> torch.Tensor:
+        return self.forward(query_img, support_imgs, support_masks).argmax(1)
+
+
+def calibrate_on_base_episodes(model: PrototypeBaseline, datamodule, episodes: int = 200,
+                               thresholds: int = 41) -> float:
+    """Calibrates on the first ``episodes`` base-class training episodes of the fold."""
+    loader = datamodule.base_episode_dataloader(num_episodes=episodes)
+    return model.calibrate(loader, thresholds=thresholds)
