@@ -23,6 +23,7 @@ def run_job(cfg: DictConfig) -> float | None:
     """
     from fss.pipeline import print_summary, run
 
+    _single_log_stream()
     try:
         metrics = run(cfg)
     except ConfigError as error:
@@ -36,6 +37,17 @@ def run_job(cfg: DictConfig) -> float | None:
         _finish_wandb()
     print_summary(metrics)
     return metrics["mIoU"]
+
+
+def _single_log_stream() -> None:
+    """Lightning installs its own console handler; Hydra's root handlers already print
+    (and write run.log), so drop Lightning's to avoid every line appearing twice."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _write_failure(cfg: DictConfig, error: BaseException) -> None:

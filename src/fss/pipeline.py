@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ from fss.lightning import FewShotModule
 from fss.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Frozen backbones are in eval mode on purpose (HSNet/HDMNet recipes).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+warnings.filterwarnings("ignore", message=r".*does not have many workers")
 
 MODES = ("train", "test")
 
@@ -85,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         net,
         optimizer=instantiate(cfg.model.optimizer) if cfg.model.get("optimizer") else None,
         scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
-        eval_class_ids=datamodule.novel_class_ids,
+        eval_class_ids=datamodule.novel_classes,
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainable = bool(cfg.model.get("trainable", True))

@@ -62,7 +62,7 @@ def ensure_pretrained_backbone(cfg: DictConfig) -> Path:
 
 def _train_backbone(cfg: DictConfig, path: Path) -> None:
     datamodule = instantiate(cfg.data.semantic)
-    num_classes = len(datamodule.base_class_ids) + 1
+    num_classes = datamodule.num_labels
     net = PyramidSegmenter(cfg.backbone.name, num_classes, head_channels=cfg.pretrain.head_channels,
                            init_weights=cfg.pretrain.init_weights)
     module = SegmentationModule(
@@ -93,7 +93,7 @@ def _train_backbone(cfg: DictConfig, path: Path) -> None:
         "backbone": cfg.backbone.name,
         "fold": cfg.fold,
         "data": cfg.data.name,
-        "base_classes": list(datamodule.base_class_ids),
+        "base_classes": list(datamodule.base_classes),
         "val_miou_base": float(val_miou) if val_miou is not None else None,
         "seconds": round(elapsed, 1),
         "fast_dev_run": bool(trainer_cfg.get("fast_dev_run")),

@@ -1,0 +1,244 @@
+"""Lightning DataModules over a :class:`~fss.data.episodes.FewShotSource`.
+
+Seeds (all episodes and images are pure functions of ``(seed, epoch, index)``):
+
+- training episodes / images: ``seed``, with the trainer's current epoch (new ones every
+  epoch; the trainer must set ``reload_dataloaders_every_n_epochs: 1``);
+- validation: ``val_seed`` (default ``seed + 1``), epoch 0, the same every epoch;
+- test: ``test_seed`` (default ``seed + 2``), epoch 0. Pin ``test_seed`` to compare
+  runs of different training seeds on identical test episodes.
+
+Loaders never shuffle (every index is already a random draw), so the episodes are the same
+for any number of workers and devices. Under DDP the DataModule shards the indices itself
+(the ``ddp`` trainer config sets ``use_distributed_sampler: false``): training with
+``DistributedSampler(shuffle=False)``, validation/test with :class:`EvalShardSampler`, which
+never pads — Lightning's default sampler would repeat episodes to even out the ranks and
+the summed metric would count them twice.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from fss.data import folds
+from fss.data.episodes import FewShotSource, check_non_negative, check_positive
+
+
+class EvalShardSampler(Sampler[int]):
+    """Rank r of W gets indices r, r + W, r + 2W, ...: every episode exactly once overall."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _distributed() -> tuple[int, int] | None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _check_seed(name: str, value: int | None, default: int) -> int:
+    return default if value is None else check_non_negative(name, value)
+
+
+class _SourceDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: FewShotSource,
+        fold: int,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+    ):
+        super().__init__()
+        if not isinstance(source, FewShotSource):
+            raise TypeError(f"source must be a FewShotSource, got {type(source).__name__}")
+        self.source = source
+        self.fold = folds.check_fold(fold, source.num_folds)
+        self.num_workers = check_non_negative("num_workers", num_workers)
+        self.pin_memory = bool(pin_memory)
+        # Persistent workers need workers; a new loader is built every epoch anyway.
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+
+    @property
+    def base_classes(self) -> list[int]:
+        return self.source.base_classes(self.fold)
+
+    @property
+    def novel_classes(self) -> list[int]:
+        return self.source.novel_classes(self.fold)
+
+    def training_epoch(self) -> int:
+        """The trainer's current epoch (0 without a trainer): the epoch of training items."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.current_epoch)
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, drop_last: bool = False, evaluation: bool = False
+    ) -> DataLoader:
+        sampler = None
+        shard = _distributed()
+        if shard is not None:
+            rank, world = shard
+            sampler = (EvalShardSampler(dataset, rank, world) if evaluation else
+                       DistributedSampler(dataset, world, rank, shuffle=False))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=drop_last,
+        )
+
+
+class FewShotDataModule(_SourceDataModule):
+    """Episodic train / val / test loaders for one fold of a few-shot source.
+
+    Args:
+        source: the dataset (e.g. ``SyntheticSource``).
+        fold: 0..num_folds-1 (base classes train, novel classes val/test).
+        shot: supports per episode at validation and test.
+        train_shot: supports per training episode (default: ``shot``).
+        batch_size: training episodes per batch.
+        test_batch_size: episodes per validation / test batch.
+        num_workers, pin_memory, persistent_workers: DataLoader options
+            (``persistent_workers`` is ignored with 0 workers).
+        train_episodes: training episodes per epoch (different every epoch).
+        val_episodes, test_episodes: fixed validation / test episodes.
+        seed, val_seed, test_seed: see the module docstring.
+
+    Batches follow the episode contract of ``docs/architecture.md``.
+    """
+
+    def __init__(
+        self,
+        source: FewShotSource,
+        fold: int = 0,
+        shot: int = 1,
+        train_shot: int | None = None,
+        batch_size: int = 8,
+        test_batch_size: int = 1,
+        num_workers: int = 0,
+        train_episodes: int = 1000,
+        val_episodes: int = 300,
+        test_episodes: int = 1000,
+        seed: int = 0,
+        val_seed: int | None = None,
+        test_seed: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__(source, fold, num_workers, pin_memory, persistent_workers)
+        self.shot = check_positive("shot", shot)
+        self.train_shot = shot if train_shot is None else check_positive("train_shot", train_shot)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.test_batch_size = check_positive("test_batch_size", test_batch_size)
+        self.train_episodes = check_positive("train_episodes", train_episodes)
+        self.val_episodes = check_positive("val_episodes", val_episodes)
+        self.test_episodes = check_positive("test_episodes", test_episodes)
+        self.seed = check_non_negative("seed", seed)
+        self.val_seed = _check_seed("val_seed", val_seed, self.seed + 1)
+        self.test_seed = _check_seed("test_seed", test_seed, self.seed + 2)
+        self.save_hyperparameters(ignore=["source"])
+
+    def train_dataset(self, epoch: int = 0) -> Dataset:
+        return self.source.episodic(
+            "train", self.fold, self.train_shot, self.train_episodes, self.seed, epoch
+        )
+
+    def val_dataset(self) -> Dataset:
+        return self.source.episodic("val", self.fold, self.shot, self.val_episodes, self.val_seed)
+
+    def test_dataset(self) -> Dataset:
+        return self.source.episodic(
+            "test", self.fold, self.shot, self.test_episodes, self.test_seed
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(self.training_epoch()), self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset(), self.test_batch_size, evaluation=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset(), self.test_batch_size, evaluation=True)
+
+
+class SemanticDataModule(_SourceDataModule):
+    """Base-class segmentation loaders (backbone pretraining) for one fold.
+
+    Batches: ``image`` (B, 3, H, W) float32 and ``label`` (B, H, W) int64 with 0 =
+    background and novel classes, ``j + 1`` for the j-th base class, 255 ignore
+    (``num_labels`` = number of base classes + 1). Training images change every epoch.
+
+    Args:
+        source, fold, num_workers, pin_memory, persistent_workers: as FewShotDataModule.
+        batch_size: training images per batch.
+        val_batch_size: validation images per batch (default: ``batch_size``).
+        num_train_images: training images per epoch (``None``: the whole split, for
+            sources of fixed size).
+        num_val_images: validation images (``None``: the whole split).
+        seed, val_seed: training images from ``seed``, validation from ``val_seed``
+            (default ``seed + 1``).
+    """
+
+    def __init__(
+        self,
+        source: FewShotSource,
+        fold: int = 0,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        num_train_images: int | None = 2000,
+        num_val_images: int | None = 200,
+        seed: int = 0,
+        val_seed: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__(source, fold, num_workers, pin_memory, persistent_workers)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.val_batch_size = (
+            self.batch_size
+            if val_batch_size is None
+            else check_positive("val_batch_size", val_batch_size)
+        )
+        self.num_train_images = (
+            None
+            if num_train_images is None
+            else check_positive("num_train_images", num_train_images)
+        )
+        self.num_val_images = (
+            None if num_val_images is None else check_positive("num_val_images", num_val_images)
+        )
+        self.seed = check_non_negative("seed", seed)
+        self.val_seed = _check_seed("val_seed", val_seed, self.seed + 1)
+        self.save_hyperparameters(ignore=["source"])
+
+    @property
+    def num_labels(self) -> int:
+        """Output channels of a base-class segmenter: background + base classes."""
+        return len(self.base_classes) + 1
+
+    def train_dataset(self, epoch: int = 0) -> Dataset:
+        return self.source.semantic("train", self.fold, self.num_train_images, self.seed, epoch)
+
+    def val_dataset(self) -> Dataset:
+        return self.source.semantic("val", self.fold, self.num_val_images, self.val_seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(self.training_epoch()), self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset(), self.val_batch_size, evaluation=True)
