@@ -51,6 +51,17 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resolve_backbone_weights(cfg: DictConfig) -> str | None:
+    """The weights file the model is built with.
+
+    A model config may name its own stage with ``weights_stage`` (a dotted function
+    ``cfg -> path``, e.g. HDMNet's base-learner stage); otherwise ``backbone.weights=pretrain``
+    runs the generic base-class backbone pretraining.
+    """
+    stage = cfg.model.get("weights_stage")
+    if stage:
+        from hydra.utils import get_method
+
+        return str(get_method(stage)(cfg))
     weights = cfg.backbone.weights
     if weights == "pretrain":
         from fss.pretrain import ensure_pretrained_backbone
@@ -92,6 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         optimizer=instantiate(cfg.model.optimizer) if cfg.model.get("optimizer") else None,
         scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
         eval_class_ids=datamodule.novel_classes,
+        base_class_ids=datamodule.base_classes,
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainable = bool(cfg.model.get("trainable", True))

@@ -6,6 +6,7 @@ nothing of datasets' file layouts or of any model's internals.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ class FewShotModule(L.LightningModule):
         scheduler: optional factory ``optimizer[, total_steps] -> LRScheduler``, stepped
             every optimizer step.
         eval_class_ids: 0-based classes scored in val/test (the fold's novel classes).
+        base_class_ids: the fold's base classes, in order. Models whose ``training_loss``
+            takes ``class_ids`` (HDMNet's base-learner ensemble) receive each training
+            episode's index in this list.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class FewShotModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         eval_class_ids: Sequence[int] = (),
+        base_class_ids: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -42,13 +47,24 @@ class FewShotModule(L.LightningModule):
         self.eval_class_ids = [int(c) for c in eval_class_ids]
         if not self.eval_class_ids:
             raise ValueError("eval_class_ids is empty: pass the fold's novel classes")
+        self.base_class_ids = [int(c) for c in base_class_ids]
+        lookup = torch.full((max(self.base_class_ids, default=0) + 1,), -1, dtype=torch.long)
+        lookup[self.base_class_ids] = torch.arange(len(self.base_class_ids))
+        self.register_buffer("_base_index", lookup, persistent=False)
+        self._loss_takes_class_ids = "class_ids" in inspect.signature(model.training_loss).parameters \
+            if hasattr(model, "training_loss") else False
         self.val_iou = FewShotIoU(self.eval_class_ids)
         self.test_iou = FewShotIoU(self.eval_class_ids)
 
     # -- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        extra = {}
+        if self._loss_takes_class_ids:
+            class_ids = batch["class_id"].clamp(max=self._base_index.numel() - 1)
+            extra["class_ids"] = self._base_index[class_ids]
         out = self.model.training_loss(
-            batch["query_img"], batch["support_imgs"], batch["support_masks"], batch["query_mask"]
+            batch["query_img"], batch["support_imgs"], batch["support_masks"], batch["query_mask"],
+            **extra,
         )
         batch_size = batch["query_img"].shape[0]
         for name, value in out.items():
