@@ -1,0 +1,16 @@
+"""HSNet (Min et al., ICCV 2021): hypercorrelation squeeze networks."""
+
+from fss.models.hsnet.conv4d import CenterPivotConv4d
+from fss.models.hsnet.correlation import hypercorrelation_pyramid, mask_features
+from fss.models.hsnet.learner import HypercorrelationLearner
+from fss.models.hsnet.model import HSNet, convert_official_state_dict, vote
+
+__all__ = [
+    "CenterPivotConv4d",
+    "HSNet",
+    "HypercorrelationLearner",
+    "convert_official_state_dict",
+    "hypercorrelation_pyramid",
+    "mask_features",
+    "vote",
+]
