@@ -1,0 +1,539 @@
+"""HDMNet (Peng et al., CVPR 2023): Hierarchically Decoupled Matching Network.
+
+Pipeline for a 473² ResNet-50 episode (B queries, K shots; sizes for stride-8 features):
+
+1. Frozen base-class PSPNet (no_grad, eval): layer0..4 and feat5 = cls[0:2] (pre-ReLU)
+   for the query and for the K supports. Support images are multiplied by their mask
+   before the backbone (``support_mask_mode="image"``, official) or, as BAM does, layer3
+   is masked before layer4 (``"feature"``); ``use_support_mask=False`` masks nothing.
+2. ``down_query`` / ``down_supp``: concat(layer3, layer2) 1536ch → 1×1 conv 256 → ReLU →
+   Dropout2d(0.5) (60²). Prototype = masked average pool of the support map.
+3. Two priors (max cosine to the support foreground, no min-max normalisation) from
+   feat5 and layer4, in that order, averaged over shots.
+4. Tokens: ``query_merge`` [256 | prototype (mean over shots) | 10·priors] → 64, ReLU;
+   ``supp_merge`` [256 | own prototype] → 64, ReLU.
+5. ``transformer``: self-attention pyramid (60² → 30² → 15², shared by query and
+   support), one matching module per stage run coarse → fine, decoder and 2-class
+   classifier (``HierarchicalTransformer``) → meta logits at 60² and the correlation maps.
+6. Base-learner ensemble (``BaseLearnerEnsemble``) → final scores, upsampled bilinearly
+   (``align_corners=True``) to the input size.
+
+Training loss (``training_loss``): CE(final) + CE(meta) + ``distill_weight``·distillation,
+CE with ignore index 255 at full resolution. The official code also adds the base
+learner's CE, which has no gradient (frozen) and needs base-class labels: left out.
+
+Learnable parameters, PASCAL ResNet-50 1-shot: 4,161,734 (transformer 3,309,634 = down
+stages 557,120 + matching 271,296 + parse 1,872,960 + classifier 608,258; down_supp and
+down_query 393,216 each; supp_merge 32,768; query_merge 32,896; gram_merge 2; cls_merge 2).
+5-shot: + 27 (``kshot_rw`` 5→2→5 with biases) = 4,161,761.
+
+Differences from the official code, by design: ``kshot_rw`` is trainable and un-permuted
+correctly (see ``ensemble``); the frozen base learner's Dropout2d is off in training too
+(the official code only freezes BatchNorm, so its base learner drops channels while
+training); the BAM exclusion of the episode class from the base map is driven by an
+explicit ``class_ids`` argument instead of the training flag.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fss.models.hdmnet.attention import SelfAttentionStage
+from fss.models.hdmnet.distillation import correlation_distillation_loss
+from fss.models.hdmnet.ensemble import BaseLearnerEnsemble, gram_distance
+from fss.models.hdmnet.matching import MATCHING_MODES, MatchingStage
+from fss.models.hdmnet.priors import masked_average_pool, max_cosine_prior
+from fss.models.pspnet import IGNORE_INDEX, PSPNet, load_pspnet_checkpoint
+
+SUPPORT_MASK_MODES = ("image", "feature")
+MAX_STAGES = 4
+# Per-stage settings; the official model uses the first three. The fourth (S4 ablation)
+# repeats the last stage's settings: stride-2 3×3 patch embedding, 8 heads, no reduction.
+STAGE_HEADS = (2, 4, 8, 8)
+STAGE_SR_RATIOS = (4, 2, 1, 1)
+STAGE_PATCH_SIZES = (1, 3, 3, 3)
+STAGE_STRIDES = (1, 2, 2, 2)
+
+
+def _parse_block(dim: int) -> nn.Sequential:
+    """1×1 dim→4dim + BN, 3×3 4dim→4dim + BN, 1×1 4dim→dim + BN + ReLU (official layout:
+    no activation between the first two)."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim * 4, kernel_size=1),
+        nn.BatchNorm2d(dim * 4),
+        nn.Conv2d(dim * 4, dim * 4, kernel_size=3, padding=1),
+        nn.BatchNorm2d(dim * 4),
+        nn.Conv2d(dim * 4, dim, kernel_size=1),
+        nn.BatchNorm2d(dim),
+        nn.ReLU(),
+    )
+
+
+def _classifier(dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(dim, dim * 4, kernel_size=1),
+        nn.BatchNorm2d(dim * 4),
+        nn.Conv2d(dim * 4, dim * 4, kernel_size=3, padding=1),
+        nn.BatchNorm2d(dim * 4),
+        nn.Conv2d(dim * 4, 2, kernel_size=1),
+    )
+
+
+class HierarchicalTransformer(nn.Module):
+    """Self-attention pyramid + matching modules + coarse-to-fine decoder + classifier.
+
+    ``down_sample_layers[i]``: stage i (patch embed, 2 encoder layers, LN);
+    ``match_layers[i]``: matching at stage i; ``parse_layers[i]``: decoder block of stage i.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        num_stages: int = 3,
+        num_heads: Sequence[int] = STAGE_HEADS,
+        sr_ratios: Sequence[int] = STAGE_SR_RATIOS,
+        match_heads: int = 2,
+        matching: str = "cosine",
+        num_prior_channels: int = 2,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_stages <= MAX_STAGES:
+            raise ValueError(f"num_stages must be in 1..{MAX_STAGES}, got {num_stages}")
+        if len(num_heads) < num_stages or len(sr_ratios) < num_stages:
+            raise ValueError(f"num_heads and sr_ratios need {num_stages} entries")
+        self.num_stages = num_stages
+        self.down_sample_layers = nn.ModuleList(
+            SelfAttentionStage(
+                dim,
+                num_heads[i],
+                sr_ratios[i],
+                STAGE_PATCH_SIZES[i],
+                STAGE_STRIDES[i],
+                mlp_ratio=mlp_ratio,
+                dropout=dropout,
+            )
+            for i in range(num_stages)
+        )
+        self.match_layers = nn.ModuleList(
+            MatchingStage(dim, match_heads, num_prior_channels, matching, mlp_ratio, dropout)
+            for _ in range(num_stages)
+        )
+        self.parse_layers = nn.ModuleList(_parse_block(dim) for _ in range(num_stages))
+        self.cls = _classifier(dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        support: torch.Tensor,
+        support_masks: torch.Tensor,
+        priors: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """query (B, C, h, w); support (B·K, C, h, w); support_masks (B, K, H, W) binary;
+        priors (B, P, h, w) → meta logits (B, 2, h, w) at stage-0 resolution and the
+        correlation maps C' (B, h_l, w_l), coarse → fine."""
+        batch, shots = support_masks.shape[:2]
+        flat_masks = support_masks.flatten(0, 1).unsqueeze(1).to(support.dtype)
+        query_tokens, support_tokens, query_hws, token_masks, stage_priors = [], [], [], [], []
+        for stage in self.down_sample_layers:
+            query_t, query_hw = stage(query)
+            support_t, support_hw = stage(support)
+            mask = F.interpolate(flat_masks, size=support_hw, mode="nearest")
+            query_tokens.append(query_t)
+            # K shots side by side along the token axis: (B, K·Ls, C).
+            support_tokens.append(support_t.reshape(batch, shots * support_t.shape[1], -1))
+            token_masks.append(mask.reshape(batch, -1))
+            query_hws.append(query_hw)
+            stage_priors.append(
+                F.interpolate(priors, size=query_hw, mode="bilinear", align_corners=True)
+            )
+            query = query_t.transpose(1, 2).reshape(batch, -1, *query_hw)
+            support = support_t.transpose(1, 2).reshape(support.shape[0], -1, *support_hw)
+
+        correlations = []
+        decoded = None
+        for i in reversed(range(self.num_stages)):
+            matched, correlation = self.match_layers[i](
+                query_tokens[i], query_hws[i], support_tokens[i], token_masks[i], stage_priors[i]
+            )
+            correlations.append(correlation)
+            if decoded is None:
+                decoded = self.parse_layers[i](matched)
+            else:
+                decoded = F.interpolate(
+                    decoded, size=matched.shape[-2:], mode="bilinear", align_corners=False
+                )
+                decoded = decoded + self.parse_layers[i](matched + decoded)
+        return self.cls(decoded), correlations
+
+
+@dataclass
+class HDMNetOutput:
+    """Feature-resolution outputs of one pass (h, w = stride-8 feature size)."""
+
+    final: torch.Tensor  # (B, 2, h, w) ensemble scores (meta logits without the ensemble)
+    meta: torch.Tensor  # (B, 2, h, w) meta-learner logits
+    base: torch.Tensor | None  # (B, 1 + N_base, h, w) base-learner logits
+    correlations: list[torch.Tensor]  # C' maps (B, h_l, w_l), coarse → fine
+
+
+class HDMNet(nn.Module):
+    """HDMNet few-shot segmenter (``fss.models`` contract: forward / predict /
+    training_loss / trainable_parameters).
+
+    Args:
+        backbone: PSPNet backbone, ``resnet50`` | ``resnet101`` | ``vgg16`` |
+            ``resnet_small`` (synthetic benchmark).
+        weights: base-learner (PSPNet) checkpoint: ``None`` = random PSPNet; a path or a
+            loaded dict: a plain ``PSPNet`` state dict, an official ``best.pth``, or a dict
+            with ``state_dict`` (``weights_prefix`` selects and strips e.g. ``"model."``).
+            A checkpoint whose classifier has not ``num_classes_base + 1`` outputs is
+            refused.
+        num_classes_base: base classes of the fold (15 PASCAL-5i, 60 COCO-20i, 15 for
+            the synthetic 20-class benchmark); the base learner has one more output
+            (background).
+        shot: K the model is trained for (only ``kshot_rw`` depends on it; forward accepts
+            any K).
+        backbone_weights: ImageNet file for the PSPNet backbone when ``weights`` is None.
+        support_mask_mode: ``image`` (official: support image × mask) | ``feature`` (BAM:
+            layer3 × mask before layer4).
+        use_support_mask: False = no masking of the support input/features at all (the
+            mask still drives prototypes, priors and matching).
+        num_stages: 1..4 pyramid stages (ablation S1–S4; official 3).
+        matching: ``cosine`` (HDMNet matching) | ``dot`` (plain cross-attention ablation).
+        use_distill, distill_weight, distill_temperature: correlation distillation.
+        use_ensemble: BAM base-learner ensemble (off: the meta logits are the output and
+            no merge layers exist).
+        backbone_relu: apply the ReLU to feat5 before the prior. The official model takes
+            feat5 = cls[0:2] BEFORE the ReLU that ends the PSPNet head, so the prior keeps
+            negative activations; True computes it on the ReLU output instead (the ReLU-
+            ended features that PFENet/BAM-style priors use). The base learner always
+            sees its own ReLU.
+        kshot_hidden: width of ``kshot_rw`` (official ``kshot_trans_dim`` 2).
+        strict_size: require (H − 1) % 8 == 0 (see ``fss.models.pspnet``).
+        head_channels: width of the PSPNet ``cls`` conv (default 512; 128 for
+            ``resnet_small``) — must match the checkpoint.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        weights: str | Path | Mapping | None = None,
+        num_classes_base: int = 15,
+        shot: int = 1,
+        *,
+        weights_prefix: str | None = None,
+        backbone_weights: str | Path | None = None,
+        support_mask_mode: str = "image",
+        use_support_mask: bool = True,
+        num_stages: int = 3,
+        matching: str = "cosine",
+        use_distill: bool = True,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        use_ensemble: bool = True,
+        backbone_relu: bool = False,
+        kshot_hidden: int = 2,
+        strict_size: bool = True,
+        head_channels: int | None = None,
+        embed_dim: int = 64,
+        reduce_dim: int = 256,
+        prior_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if support_mask_mode not in SUPPORT_MASK_MODES:
+            raise ValueError(
+                f"unknown support_mask_mode {support_mask_mode!r}; accepted: {', '.join(SUPPORT_MASK_MODES)}"
+            )
+        if matching not in MATCHING_MODES:
+            raise ValueError(
+                f"unknown matching {matching!r}; accepted: {', '.join(MATCHING_MODES)}"
+            )
+        if shot < 1:
+            raise ValueError(f"shot must be >= 1, got {shot}")
+        if distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
+        self.shot = shot
+        self.num_classes_base = num_classes_base
+        self.support_mask_mode = support_mask_mode
+        self.use_support_mask = use_support_mask
+        self.use_distill = use_distill
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
+        self.use_ensemble = use_ensemble
+        self.backbone_relu = backbone_relu
+        self.prior_scale = prior_scale
+
+        self.pspnet = PSPNet(
+            backbone,
+            num_classes=num_classes_base + 1,
+            backbone_weights=None if weights is not None else backbone_weights,
+            head_channels=head_channels,
+            strict_size=strict_size,
+        )
+        if weights is not None:
+            load_pspnet_checkpoint(self.pspnet, weights, prefix=weights_prefix)
+        self.pspnet.requires_grad_(False)
+        self.pspnet.eval()
+
+        channels = self.pspnet.stage_channels
+        feature_dim = channels[2] + channels[3]
+        self.down_query = self._reduction(feature_dim, reduce_dim)
+        self.down_supp = self._reduction(feature_dim, reduce_dim)
+        num_priors = 2
+        self.query_merge = nn.Sequential(
+            nn.Conv2d(2 * reduce_dim + num_priors, embed_dim, kernel_size=1, bias=False),
+            nn.ReLU(inplace=True),
+        )
+        self.supp_merge = nn.Sequential(
+            nn.Conv2d(2 * reduce_dim, embed_dim, kernel_size=1, bias=False),
+            nn.ReLU(inplace=True),
+        )
+        self.transformer = HierarchicalTransformer(
+            dim=embed_dim, num_stages=num_stages, matching=matching, num_prior_channels=num_priors
+        )
+        self.ensemble = BaseLearnerEnsemble(shot, kshot_hidden) if use_ensemble else None
+        self.train()  # puts the PSPNet and every BatchNorm in eval mode
+
+    @staticmethod
+    def _reduction(in_channels: int, out_channels: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(p=0.5),
+        )
+
+    # ---------------------------------------------------------------- train / eval modes
+    def train(self, mode: bool = True) -> HDMNet:
+        """Dropouts follow ``mode``; the PSPNet and every BatchNorm stay in eval mode."""
+        super().train(mode)
+        self.pspnet.eval()
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------------------- the pass
+    @staticmethod
+    def _check_inputs(
+        query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> None:
+        if query_img.dim() != 4 or support_imgs.dim() != 5 or support_masks.dim() != 4:
+            raise ValueError(
+                "expected query_img (B,3,H,W), support_imgs (B,K,3,H,W), support_masks (B,K,H,W); got "
+                f"{tuple(query_img.shape)}, {tuple(support_imgs.shape)}, {tuple(support_masks.shape)}"
+            )
+        batch, shots = support_imgs.shape[:2]
+        if query_img.shape[0] != batch or support_masks.shape[:2] != (batch, shots):
+            raise ValueError("query_img, support_imgs and support_masks disagree on B or K")
+        if (
+            support_imgs.shape[-2:] != query_img.shape[-2:]
+            or support_masks.shape[-2:] != query_img.shape[-2:]
+        ):
+            raise ValueError("query and support images and masks must share one size H×W")
+
+    def _backbone_features(self, query_img, support_imgs, support_masks):
+        """Frozen features of the query and of the B·K supports (no_grad)."""
+        # (B·K, 1, H, W) binary
+        flat_masks = (support_masks.flatten(0, 1) == 1).to(query_img.dtype).unsqueeze(1)
+        flat_imgs = support_imgs.flatten(0, 1)
+        layer3_mask = None
+        if self.use_support_mask and self.support_mask_mode == "image":
+            flat_imgs = flat_imgs * F.interpolate(
+                flat_masks, size=flat_imgs.shape[-2:], mode="nearest"
+            )
+        elif self.use_support_mask:
+            layer3_mask = flat_masks
+        with torch.no_grad():
+            query = self.pspnet.extract_features(query_img)
+            support = self.pspnet.extract_features(flat_imgs, layer3_mask=layer3_mask)
+        return query, support, flat_masks
+
+    @staticmethod
+    def _mid_level(features) -> torch.Tensor:
+        """concat(layer3, layer2), layer2 resized to layer3 (VGG) → (N, C2 + C3, h, w)."""
+        layer2 = features.layer2
+        if layer2.shape[-2:] != features.layer3.shape[-2:]:
+            layer2 = F.interpolate(
+                layer2, size=features.layer3.shape[-2:], mode="bilinear", align_corners=True
+            )
+        return torch.cat([features.layer3, layer2], dim=1)
+
+    def _forward_parts(
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> HDMNetOutput:
+        self._check_inputs(query_img, support_imgs, support_masks)
+        batch, shots = support_imgs.shape[:2]
+        query, support, flat_masks = self._backbone_features(query_img, support_imgs, support_masks)
+
+        query_feat = self.down_query(self._mid_level(query))
+        support_feat = self.down_supp(self._mid_level(support))
+        size = query_feat.shape[-2:]
+        small_masks = F.interpolate(
+            flat_masks, size=support_feat.shape[-2:], mode="bilinear", align_corners=True
+        )
+        prototypes = masked_average_pool(support_feat, small_masks)  # (BK, 256, 1, 1)
+
+        masks_5d = flat_masks.unflatten(0, (batch, shots))
+        query_feat5, support_feat5 = query.feat5, support.feat5
+        if self.backbone_relu:
+            query_feat5, support_feat5 = F.relu(query_feat5), F.relu(support_feat5)
+        priors = []
+        for q, s in ((query_feat5, support_feat5), (query.layer4, support.layer4)):
+            prior = max_cosine_prior(q, s.unflatten(0, (batch, shots)), masks_5d)
+            if prior.shape[-2:] != size:
+                prior = F.interpolate(prior, size=size, mode="bilinear", align_corners=True)
+            priors.append(prior)
+        priors = torch.cat(priors, dim=1)  # (B, 2, h, w): [feat5, layer4]
+
+        support_tokens = self.supp_merge(
+            torch.cat([support_feat, prototypes.expand_as(support_feat)], dim=1)
+        )
+        mean_prototype = prototypes.unflatten(0, (batch, shots)).mean(dim=1)
+        query_tokens = self.query_merge(
+            torch.cat(
+                [query_feat, mean_prototype.expand_as(query_feat), self.prior_scale * priors], dim=1
+            )
+        )
+        meta, correlations = self.transformer(
+            query_tokens, support_tokens, masks_5d.squeeze(2), priors
+        )
+
+        if self.ensemble is None:
+            return HDMNetOutput(final=meta, meta=meta, base=None, correlations=correlations)
+        with torch.no_grad():
+            base = self.pspnet.base_learner(query.feat5)
+            distances = gram_distance(query.layer2, support.layer2.unflatten(0, (batch, shots)))
+        if base.shape[-2:] != meta.shape[-2:]:
+            base = F.interpolate(base, size=meta.shape[-2:], mode="bilinear", align_corners=True)
+        final = self.ensemble(meta, base, distances, class_ids)
+        return HDMNetOutput(final=final, meta=meta, base=base, correlations=correlations)
+
+    @staticmethod
+    def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+    # ------------------------------------------------------------------------ contract
+    def forward(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> torch.Tensor:
+        """query_img (B,3,H,W), support_imgs (B,K,3,H,W), support_masks (B,K,H,W) →
+        logits (B,2,H,W) (ensemble scores; CE / argmax are taken on them as logits)."""
+        parts = self._forward_parts(query_img, support_imgs, support_masks)
+        return self._upsample(parts.final, query_img.shape[-2:])
+
+    @torch.no_grad()
+    def predict(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,H,W) int64 in {0, 1}."""
+        return self(query_img, support_imgs, support_masks).argmax(dim=1)
+
+    def training_loss(
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_mask: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """query_mask (B,H,W) int64: 1 target, 0 other, 255 ignore.
+
+        ``class_ids`` (B,) int64, optional: 0-based index of each episode's class in the
+        fold's base-class list (``fss.data.folds.base_classes(...).index(class_id)``, i.e.
+        the semantic label minus 1), removed from the base learner's "any base class" map
+        as BAM does in training; −1 (or None) removes nothing. Pass it for training
+        episodes, not for test episodes.
+
+        Returns ``loss``, ``logits`` (B,2,H,W), ``ce_final``, ``ce_meta``, ``distill``."""
+        parts = self._forward_parts(query_img, support_imgs, support_masks, class_ids)
+        size = query_img.shape[-2:]
+        target = query_mask.long()
+        final = self._upsample(parts.final, size)
+        ce_meta = F.cross_entropy(
+            self._upsample(parts.meta, size), target, ignore_index=IGNORE_INDEX
+        )
+        ce_final = (
+            ce_meta
+            if self.ensemble is None
+            else F.cross_entropy(final, target, ignore_index=IGNORE_INDEX)
+        )
+        if self.use_distill:
+            distill = correlation_distillation_loss(
+                parts.correlations, target, self.distill_temperature
+            )
+        else:
+            distill = final.new_zeros(())
+        loss = ce_meta + self.distill_weight * distill
+        if self.ensemble is not None:
+            loss = loss + ce_final
+        return {
+            "loss": loss,
+            "logits": final,
+            "ce_final": ce_final,
+            "ce_meta": ce_meta,
+            "distill": distill,
+        }
+
+    def correlation_maps(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Per-stage correlation maps C' (B, h_l, w_l), coarse → fine (15², 30², 60² at 473²)."""
+        return self._forward_parts(query_img, support_imgs, support_masks).correlations
+
+    def trainable_parameters(self) -> list[dict]:
+        """Optimizer groups: the transformer at the base lr, the reduction / merge layers
+        (``down_query``, ``down_supp``, ``query_merge``, ``supp_merge``, ``gram_merge``,
+        ``cls_merge``, ``kshot_rw``) at 10× (``lr_scale``). The frozen PSPNet is absent."""
+        fast_modules = [self.down_query, self.down_supp, self.query_merge, self.supp_merge]
+        if self.ensemble is not None:
+            fast_modules.append(self.ensemble)
+        fast = [p for m in fast_modules for p in m.parameters() if p.requires_grad]
+        return [
+            {
+                "params": [p for p in self.transformer.parameters() if p.requires_grad],
+                "lr_scale": 1.0,
+                "name": "transformer",
+            },
+            {"params": fast, "lr_scale": 10.0, "name": "reduce_merge"},
+        ]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# Official checkpoint (Pbihao/HDMNet, DDP: keys prefixed "module.") → this module.
+_OFFICIAL_RENAMES = (
+    (r"^(layer[0-4]|ppm)\.", r"pspnet.\1."),
+    (r"^cls\.([01])\.", r"pspnet.cls.\1."),
+    (r"^base_learnear\.2\.", "pspnet.cls.4."),
+    (r"^transformer\.mix_transformer\.", "transformer."),
+    (r"^(gram_merge|cls_merge|kshot_rw)\.", r"ensemble.\1."),
+)
+
+
+def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the keys of an official HDMNet checkpoint's ``state_dict`` to this module's
+    (then ``model.load_state_dict(converted)``). Only prefixes differ: the transformer
+    blocks carry the official names and indices."""
+    converted = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for pattern, replacement in _OFFICIAL_RENAMES:
+            key, count = re.subn(pattern, replacement, key)
+            if count:
+                break
+        converted[key] = value
+    return converted
