@@ -117,3 +117,16 @@ def test_bad_config_exits_with_one_line(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: fold=7 is out of range; accepted: 0, 1, 2, 3"
+
+
+def test_verify_fails_loudly_outside_tolerance(compose_cfg, shared_cache, tmp_path):
+    from fss.utils.errors import RegressionError
+
+    cfg = compose_cfg(["model=all_foreground", "debug=fdr", *TINY, "verify.mIoU=99.0",
+                       "verify.tolerance=1.0"], cache_dir=shared_cache)
+    with pytest.raises(RegressionError, match="outside the expected 99.0"):
+        run(cfg)
+    record = read_metrics(tmp_path)
+    assert record["status"] == "regression" and record["verify"]["expected_mIoU"] == 99.0
+    cfg.verify.tolerance = 100.0
+    assert run(cfg)["status"] == "ok"

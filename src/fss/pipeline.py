@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fss.lightning import FewShotModule
-from fss.utils.errors import ConfigError
+from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
+from fss.utils.errors import ConfigError, RegressionError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,18 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[key]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be an integer >= 1")
+    seeds = cfg.get("test_seeds")
+    if seeds is not None and (
+        not OmegaConf.is_list(seeds) and not isinstance(seeds, list | tuple)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise ConfigError(f"test_seeds={seeds} must be null or a non-empty list of integers "
+                          ">= 0, e.g. test_seeds=[510,365,382]")
+    resolution = cfg.get("eval_resolution")
+    if resolution is not None and resolution not in EVAL_RESOLUTIONS:
+        raise ConfigError(f"eval_resolution={resolution!r} is not supported; accepted: null, "
+                          f"{', '.join(EVAL_RESOLUTIONS)}")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a .ckpt file "
                           "(e.g. <run dir>/checkpoints/last.ckpt)")
@@ -84,6 +97,11 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one job and returns (and writes) its metrics."""
     validate(cfg)
+    runner = cfg.model.get("runner")
+    if runner:  # not an episodic model (e.g. model=pspnet, HDMNet's base learner): its own job
+        from hydra.utils import get_method
+
+        return get_method(runner)(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -104,6 +122,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
         eval_class_ids=datamodule.novel_classes,
         base_class_ids=datamodule.base_classes,
+        eval_resolution=resolve_eval_resolution(cfg, datamodule),
+        val_class_ids=getattr(datamodule, "val_classes", None),
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainable = bool(cfg.model.get("trainable", True))
@@ -125,9 +145,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         test_ckpt = cfg.ckpt_path
 
     test_start = time.perf_counter()
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+    seeds = [int(s) for s in cfg.get("test_seeds") or []]
+    per_seed = []
+    for seed in seeds:  # the same weights on several sets of test episodes
+        datamodule.test_seed = seed
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+        per_seed.append((seed, results[0] if results else {}))
+        log.info("Test seed %d: mIoU %.2f, FB-IoU %.2f", seed,
+                 per_seed[-1][1].get("test/miou", float("nan")),
+                 per_seed[-1][1].get("test/fbiou", float("nan")))
+    if not seeds:
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
     test_seconds = time.perf_counter() - test_start
-    scores = results[0] if results else {}
+    scores = _mean_scores([r for _, r in per_seed]) if seeds else (results[0] if results else {})
     metrics = {
         "model": cfg.model.name,
         "data": cfg.data.name,
@@ -149,9 +179,79 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tags": list(cfg.get("tags") or []),
         "status": "ok",
     }
+    if seeds:
+        metrics.update(_seed_summary(per_seed))
+    else:
+        metrics["test_seed"] = getattr(datamodule, "test_seed", None)
+    failure = _verify(cfg, metrics)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("Wrote %s", output_dir / "metrics.json")
+    if failure:
+        raise RegressionError(failure)
     return metrics
+
+
+def _verify(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:
+    """Compares test mIoU with ``verify.mIoU`` ± ``verify.tolerance``; records the outcome."""
+    expected = cfg.get("verify", {}).get("mIoU")
+    if expected is None:
+        return None
+    tolerance = float(cfg.verify.tolerance)
+    delta = metrics["mIoU"] - float(expected)
+    metrics["verify"] = {"expected_mIoU": expected, "tolerance": tolerance, "delta": round(delta, 2)}
+    if abs(delta) <= tolerance:
+        return None
+    metrics["status"] = "regression"
+    return (f"test mIoU {metrics['mIoU']:.2f} is outside the expected {expected} ± {tolerance} "
+            f"(verify.mIoU in the config); if the change is intended, update the expectation")
+
+
+def resolve_eval_resolution(cfg: DictConfig, datamodule: Any) -> str:
+    """Where predictions are scored: the top-level ``eval_resolution`` if set, else the
+    model config's, else the data protocol's (``source.eval_resolution``: HSNet's protocol
+    scores at the network size, PFENet/BAM/HDMNet's at the original label size)."""
+    for value in (cfg.get("eval_resolution"), cfg.model.get("eval_resolution")):
+        if value:
+            return str(value)
+    return str(getattr(getattr(datamodule, "source", None), "eval_resolution", "network"))
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95 % Student-t interval (None for one value)."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    if array.size < 2:
+        return mean, None
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, array.size - 1) * array.std(ddof=1) / np.sqrt(array.size)
+    return mean, float(half)
+
+
+def _mean_scores(results: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean of several ``trainer.test`` results (keys present in all of them)."""
+    keys = set.intersection(*(set(r) for r in results)) if results else set()
+    return {k: sum(float(r[k]) for r in results) / len(results) for k in keys}
+
+
+def _seed_summary(per_seed: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
+    """``seeds: [{seed, mIoU, FB-IoU}]``, ``mIoU_mean``, ``mIoU_ci95`` (half-width of the
+    95 % interval of the mean over seeds), ``FB-IoU_mean``, ``FB-IoU_ci95``."""
+    summary: dict[str, Any] = {"seeds": []}
+    values: dict[str, list[float]] = {"mIoU": [], "FB-IoU": []}
+    for seed, result in per_seed:
+        row: dict[str, Any] = {"seed": seed}
+        for key, name in (("mIoU", "test/miou"), ("FB-IoU", "test/fbiou")):
+            values[key].append(float(result.get(name, float("nan"))))
+            row[key] = round(values[key][-1], 2)
+        summary["seeds"].append(row)
+    for key, series in values.items():
+        mean, half = mean_ci95(series)
+        summary[f"{key}_mean"] = round(mean, 2)
+        summary[f"{key}_ci95"] = None if half is None else round(half, 2)
+    return summary
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
@@ -183,3 +283,18 @@ def print_summary(metrics: dict[str, Any]) -> None:
         f"{metrics['total_seconds']:.0f} s",
     )
     Console().print(table)
+    if metrics.get("seeds"):
+        seeds = Table(title="per test seed")
+        for column in ("seed", "mIoU", "FB-IoU"):
+            seeds.add_column(column, justify="right")
+        for row in metrics["seeds"]:
+            seeds.add_row(str(row["seed"]), f"{row['mIoU']:.2f}", f"{row['FB-IoU']:.2f}")
+        Console().print(seeds)
+        Console().print(f"Mean over {len(metrics['seeds'])} test seeds: mIoU "
+                        f"{_with_ci(metrics, 'mIoU')}, FB-IoU {_with_ci(metrics, 'FB-IoU')}")
+
+
+def _with_ci(metrics: dict[str, Any], key: str) -> str:
+    half = metrics.get(f"{key}_ci95")
+    mean = metrics[f"{key}_mean"]
+    return f"{mean:.2f}" if half is None else f"{mean:.2f} ± {half:.2f} (95 %)"

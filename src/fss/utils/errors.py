@@ -3,3 +3,12 @@
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says what is accepted."""
+
+
+class DataError(ConfigError):
+    """Data on disk is missing, incomplete or corrupt; the message names the file or folder
+    and the command that fixes it. A ConfigError, so the CLI prints it as one line."""
+
+
+class RegressionError(RuntimeError):
+    """A run's score is outside the tolerance its configuration expects."""
