@@ -1,5 +1,7 @@
-"""Datasets and DataModules: folds, transforms, episodes, the synthetic benchmark."""
+"""Datasets and DataModules: folds, transforms, episodes, the synthetic benchmark and the
+real benchmarks (PASCAL-5i, COCO-20i, FSS-1000)."""
 
+from fss.data.coco import CocoSource
 from fss.data.datamodule import FewShotDataModule, SemanticDataModule
 from fss.data.episodes import (
     Episode,
@@ -7,8 +9,12 @@ from fss.data.episodes import (
     FewShotSource,
     SemanticDataset,
     base_label_lut,
+    collate_episodes,
     episode_mask,
 )
+from fss.data.fss1000 import FSS1000Source
+from fss.data.lists import ListStore
+from fss.data.pascal import PascalSource
 from fss.data.synthetic import (
     Scene,
     SceneGenerator,
@@ -20,10 +26,14 @@ from fss.data.transforms import IGNORE_INDEX, denormalize, image_to_tensor
 
 __all__ = [
     "IGNORE_INDEX",
+    "CocoSource",
     "Episode",
     "EpisodicDataset",
+    "FSS1000Source",
     "FewShotDataModule",
     "FewShotSource",
+    "ListStore",
+    "PascalSource",
     "Scene",
     "SceneGenerator",
     "SemanticDataModule",
@@ -32,6 +42,7 @@ __all__ = [
     "SyntheticSemanticDataset",
     "SyntheticSource",
     "base_label_lut",
+    "collate_episodes",
     "denormalize",
     "episode_mask",
     "image_to_tensor",

@@ -23,7 +23,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from fss.data import folds
-from fss.data.episodes import FewShotSource, check_non_negative, check_positive
+from fss.data.episodes import (
+    FewShotSource,
+    check_non_negative,
+    check_positive,
+    collate_episodes,
+)
 
 
 class EvalShardSampler(Sampler[int]):
@@ -47,6 +52,10 @@ def _distributed() -> tuple[int, int] | None:
 
 def _check_seed(name: str, value: int | None, default: int) -> int:
     return default if value is None else check_non_negative(name, value)
+
+
+def _check_episodes(name: str, value: int | None) -> int | None:
+    return None if value is None else check_positive(name, value)
 
 
 class _SourceDataModule(L.LightningDataModule):
@@ -76,6 +85,11 @@ class _SourceDataModule(L.LightningDataModule):
     def novel_classes(self) -> list[int]:
         return self.source.novel_classes(self.fold)
 
+    @property
+    def val_classes(self) -> list[int]:
+        """Classes of the validation episodes (the novel ones, except for FSS-1000)."""
+        return self.source.val_classes(self.fold)
+
     def training_epoch(self) -> int:
         """The trainer's current epoch (0 without a trainer): the epoch of training items."""
         trainer = self.trainer
@@ -99,6 +113,7 @@ class _SourceDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             drop_last=drop_last,
+            collate_fn=collate_episodes,
         )
 
 
@@ -116,6 +131,8 @@ class FewShotDataModule(_SourceDataModule):
             (``persistent_workers`` is ignored with 0 workers).
         train_episodes: training episodes per epoch (different every epoch).
         val_episodes, test_episodes: fixed validation / test episodes.
+            ``None``: the source's protocol number (``source.default_episodes``), e.g.
+            1000 test episodes on PASCAL-5i or one pass over the training list.
         seed, val_seed, test_seed: see the module docstring.
 
     Batches follow the episode contract of ``docs/architecture.md``.
@@ -130,9 +147,9 @@ class FewShotDataModule(_SourceDataModule):
         batch_size: int = 8,
         test_batch_size: int = 1,
         num_workers: int = 0,
-        train_episodes: int = 1000,
-        val_episodes: int = 300,
-        test_episodes: int = 1000,
+        train_episodes: int | None = 1000,
+        val_episodes: int | None = 300,
+        test_episodes: int | None = 1000,
         seed: int = 0,
         val_seed: int | None = None,
         test_seed: int | None = None,
@@ -144,25 +161,37 @@ class FewShotDataModule(_SourceDataModule):
         self.train_shot = shot if train_shot is None else check_positive("train_shot", train_shot)
         self.batch_size = check_positive("batch_size", batch_size)
         self.test_batch_size = check_positive("test_batch_size", test_batch_size)
-        self.train_episodes = check_positive("train_episodes", train_episodes)
-        self.val_episodes = check_positive("val_episodes", val_episodes)
-        self.test_episodes = check_positive("test_episodes", test_episodes)
+        self.train_episodes = _check_episodes("train_episodes", train_episodes)
+        self.val_episodes = _check_episodes("val_episodes", val_episodes)
+        self.test_episodes = _check_episodes("test_episodes", test_episodes)
         self.seed = check_non_negative("seed", seed)
         self.val_seed = _check_seed("val_seed", val_seed, self.seed + 1)
         self.test_seed = _check_seed("test_seed", test_seed, self.seed + 2)
         self.save_hyperparameters(ignore=["source"])
 
+    def num_episodes(self, split: str) -> int:
+        """Episodes of ``split``: the configured number, else the source's protocol one."""
+        value = getattr(self, f"{split}_episodes")
+        if value is None:
+            value = self.source.default_episodes(split, self.fold)
+            if value is None:
+                raise ValueError(f"{split}_episodes is None and {type(self.source).__name__} "
+                                 "has no default number of episodes: give an integer >= 1")
+        return value
+
     def train_dataset(self, epoch: int = 0) -> Dataset:
         return self.source.episodic(
-            "train", self.fold, self.train_shot, self.train_episodes, self.seed, epoch
+            "train", self.fold, self.train_shot, self.num_episodes("train"), self.seed, epoch
         )
 
     def val_dataset(self) -> Dataset:
-        return self.source.episodic("val", self.fold, self.shot, self.val_episodes, self.val_seed)
+        return self.source.episodic(
+            "val", self.fold, self.shot, self.num_episodes("val"), self.val_seed
+        )
 
     def test_dataset(self) -> Dataset:
         return self.source.episodic(
-            "test", self.fold, self.shot, self.test_episodes, self.test_seed
+            "test", self.fold, self.shot, self.num_episodes("test"), self.test_seed
         )
 
     def train_dataloader(self) -> DataLoader:

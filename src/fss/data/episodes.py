@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from fss.data import folds
 from fss.data.transforms import IGNORE_INDEX, image_to_tensor
@@ -60,6 +60,8 @@ class Episode:
     query_mask:     (H, W) uint8, 1 = episode class, 0 = other, 255 = ignore.
     support_images: K arrays (H, W, 3) uint8 (never the query image).
     support_masks:  K arrays (H, W) uint8 {0, 1, 255}.
+    query_mask_orig: optional (H0, W0) uint8 {0, 1, 255}, the query mask at the original
+                    label resolution (real datasets' val/test episodes), for scoring there.
     """
 
     class_id: int
@@ -67,12 +69,13 @@ class Episode:
     query_mask: np.ndarray
     support_images: Sequence[np.ndarray]
     support_masks: Sequence[np.ndarray]
+    query_mask_orig: np.ndarray | None = None
 
 
 def episode_to_tensors(episode: Episode, index: int) -> dict[str, torch.Tensor]:
     """Episode -> the episode dict of ``docs/architecture.md``."""
     support_masks = np.stack(episode.support_masks)  # (K, H, W) uint8
-    return {
+    item = {
         "query_img": image_to_tensor(episode.query_image),
         "query_mask": torch.from_numpy(episode.query_mask.astype(np.int64)),
         "support_imgs": torch.stack([image_to_tensor(img) for img in episode.support_images]),
@@ -81,6 +84,34 @@ def episode_to_tensors(episode: Episode, index: int) -> dict[str, torch.Tensor]:
         "class_id": torch.tensor(episode.class_id, dtype=torch.int64),
         "episode_index": torch.tensor(index, dtype=torch.int64),
     }
+    if episode.query_mask_orig is not None:
+        item["query_mask_orig"] = torch.from_numpy(episode.query_mask_orig.astype(np.int64))
+        item["query_size_orig"] = torch.tensor(episode.query_mask_orig.shape, dtype=torch.int64)
+    return item
+
+
+# Keys whose tensors differ in size between the items of one batch.
+VARIABLE_SIZE_KEYS = ("query_mask_orig",)
+
+
+def collate_episodes(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``default_collate``, except that ``query_mask_orig`` maps of different sizes are
+    padded with 255 (ignore) at the bottom/right to the largest of the batch; the true size
+    of item ``b`` is ``query_size_orig[b]``. Batches without that key collate as usual."""
+    variable = [key for key in VARIABLE_SIZE_KEYS if key in items[0]]
+    if not variable:
+        return default_collate(list(items))
+    batch = default_collate([{k: v for k, v in item.items() if k not in variable}
+                             for item in items])
+    for key in variable:
+        maps = [item[key] for item in items]
+        height = max(m.shape[-2] for m in maps)
+        width = max(m.shape[-1] for m in maps)
+        padded = maps[0].new_full((len(maps), height, width), IGNORE_INDEX)
+        for slot, mask in enumerate(maps):
+            padded[slot, : mask.shape[-2], : mask.shape[-1]] = mask
+        batch[key] = padded
+    return batch
 
 
 class EpisodicDataset(Dataset, ABC):
@@ -210,6 +241,9 @@ class FewShotSource(ABC):
         fold_scheme: ``"contiguous"`` or ``"interleaved"`` (see ``fss.data.folds``).
         num_folds:   number of cross-validation folds (4 for PASCAL-5i / COCO-20i).
         image_size:  side (int) or (H, W) of the images the datasets return.
+        eval_resolution: where the protocol scores predictions: ``"network"`` (at
+                     ``image_size``) or ``"original"`` (at the label's own size; val/test
+                     episodes then carry ``query_mask_orig``).
 
     Splits of :meth:`episodic`: ``"train"`` (episodes of base classes, no novel class in
     any image), ``"val"`` and ``"test"`` (episodes of the fold's novel classes). The
@@ -222,6 +256,7 @@ class FewShotSource(ABC):
     fold_scheme: str = "contiguous"
     num_folds: int = 4
     image_size: int | tuple[int, int]
+    eval_resolution: str = "network"
 
     def novel_classes(self, fold: int) -> list[int]:
         """0-based ids of the classes tested in ``fold``."""
@@ -230,6 +265,16 @@ class FewShotSource(ABC):
     def base_classes(self, fold: int) -> list[int]:
         """0-based ids of the classes trained on in ``fold``."""
         return folds.base_classes(fold, self.num_classes, self.num_folds, self.fold_scheme)
+
+    def val_classes(self, fold: int) -> list[int]:
+        """0-based ids of the classes of ``"val"`` episodes (the novel ones, unless the
+        dataset has a separate validation class split, like FSS-1000)."""
+        return self.novel_classes(fold)
+
+    def default_episodes(self, split: str, fold: int) -> int | None:
+        """The protocol's number of episodes of ``split`` (e.g. 1000 test episodes), used
+        when the DataModule is given ``None``; ``None`` if the source has no such number."""
+        return None
 
     @abstractmethod
     def episodic(

@@ -12,10 +12,13 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fss.lightning.optim import build_optimizer, build_scheduler
 from fss.metrics import FewShotIoU
+
+EVAL_RESOLUTIONS = ("network", "original")
 
 
 class FewShotModule(L.LightningModule):
@@ -30,6 +33,14 @@ class FewShotModule(L.LightningModule):
         base_class_ids: the fold's base classes, in order. Models whose ``training_loss``
             takes ``class_ids`` (HDMNet's base-learner ensemble) receive each training
             episode's index in this list.
+        eval_resolution: ``"network"`` scores the prediction at the input size against
+            ``query_mask``; ``"original"`` upsamples the logits of each episode to its
+            original label size (bilinear, align_corners=True) and scores against
+            ``query_mask_orig`` (batches without it are scored at the network size: the
+            synthetic benchmark's labels are made at that size). Models with
+            ``per_shot_logits`` (HSNet) vote their K shots at the original size.
+        val_class_ids: classes of validation episodes (default ``eval_class_ids``; FSS-1000
+            validates on its own class split).
     """
 
     def __init__(
@@ -39,6 +50,8 @@ class FewShotModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         eval_class_ids: Sequence[int] = (),
         base_class_ids: Sequence[int] = (),
+        eval_resolution: str = "network",
+        val_class_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -53,7 +66,13 @@ class FewShotModule(L.LightningModule):
         self.register_buffer("_base_index", lookup, persistent=False)
         self._loss_takes_class_ids = "class_ids" in inspect.signature(model.training_loss).parameters \
             if hasattr(model, "training_loss") else False
-        self.val_iou = FewShotIoU(self.eval_class_ids)
+        if eval_resolution not in EVAL_RESOLUTIONS:
+            raise ValueError(f"eval_resolution must be one of {', '.join(EVAL_RESOLUTIONS)}, "
+                             f"got {eval_resolution!r}")
+        self.eval_resolution = eval_resolution
+        self.val_class_ids = (self.eval_class_ids if val_class_ids is None
+                              else [int(c) for c in val_class_ids])
+        self.val_iou = FewShotIoU(self.val_class_ids)
         self.test_iou = FewShotIoU(self.eval_class_ids)
 
     # -- training ---------------------------------------------------------------------
@@ -74,9 +93,39 @@ class FewShotModule(L.LightningModule):
         return out["loss"]
 
     # -- evaluation -------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, torch.Tensor], metric: FewShotIoU) -> torch.Tensor:
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: FewShotIoU) -> None:
+        if self.eval_resolution == "original" and "query_mask_orig" in batch:
+            preds = self.predict_original_size(batch)
+            for pred, target, size, class_id in zip(
+                preds, batch["query_mask_orig"], batch["query_size_orig"].tolist(),
+                batch["class_id"], strict=True,
+            ):
+                height, width = size
+                metric.update(pred[None], target[None, :height, :width], class_id[None])
+            return
         preds = self.model.predict(batch["query_img"], batch["support_imgs"], batch["support_masks"])
         metric.update(preds, batch["query_mask"], batch["class_id"])
+
+    @torch.no_grad()
+    def predict_original_size(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per episode, the (H0, W0) int64 {0, 1} prediction at its original label size
+        ``query_size_orig``: logits upsampled per sample (so any batch size gives the same
+        result), then argmax, or HSNet's K-shot vote over the upsampled per-shot logits."""
+        inputs = (batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        per_shot = getattr(self.model, "per_shot_logits", None)
+        if per_shot is not None:
+            from fss.models.hsnet.model import vote  # the K-shot rule of per-shot models
+
+            logits = per_shot(*inputs)  # (B, K, 2, H, W)
+        else:
+            logits = self.model(*inputs).unsqueeze(1)  # (B, 1, 2, H, W): argmax
+            vote = _argmax_of_single_shot
+        preds = []
+        for sample_logits, (height, width) in zip(logits, batch["query_size_orig"].tolist(),
+                                                  strict=True):
+            upsampled = F.interpolate(sample_logits, size=(height, width), mode="bilinear",
+                                      align_corners=True)  # (K, 2, H0, W0)
+            preds.append(vote(upsampled[None])[0])
         return preds
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -90,7 +139,7 @@ class FewShotModule(L.LightningModule):
         self.log(f"{stage}/miou", values["miou"], prog_bar=True, sync_dist=False)
         self.log(f"{stage}/fbiou", values["fbiou"], prog_bar=True, sync_dist=False)
         self.log(f"{stage}/episodes", values["episodes"].float(), sync_dist=False)
-        for class_id, iou in zip(self.eval_class_ids, values["class_iou"].tolist(), strict=True):
+        for class_id, iou in zip(metric.class_ids, values["class_iou"].tolist(), strict=True):
             if iou == iou:  # skip NaN (class not seen)
                 self.log(f"{stage}/iou_class{class_id}", iou, sync_dist=False)
         metric.reset()
@@ -111,3 +160,8 @@ class FewShotModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _argmax_of_single_shot(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 2, H, W) logits -> (B, H, W) int64 {0, 1}."""
+    return logits[:, 0].argmax(dim=1)

@@ -1,0 +1,459 @@
+"""What PASCAL-5i, COCO-20i and FSS-1000 share: list-driven episodes and base-class images.
+
+A source (``fss.data.pascal`` ...) turns its lists into a :class:`Plan`: the images
+(:class:`Record`), the queries in list order with the classes each may be asked for, and
+the support pool of every class. :class:`ListEpisodicDataset` then draws episode ``i``
+from ``(seed, epoch, i)`` only:
+
+- ``order="list"`` (val/test): query ``i`` is the ``i % N``-th of the list (the official
+  protocols cycle through the list);
+- ``order="shuffle"`` (training): query ``i`` is the ``i % N``-th of a permutation drawn
+  from ``(seed, epoch, i // N)``, i.e. every epoch visits the queries in a new order, as a
+  shuffled DataLoader does;
+- ``order="class"`` (HSNet's COCO): a class uniformly among the split's classes, then a
+  query uniformly among its images.
+
+The episode class is drawn uniformly among the query's candidates; the ``shot`` supports
+are distinct images of the class's pool, never the query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fss.data import folds
+from fss.data.episodes import (
+    Episode,
+    EpisodicDataset,
+    FewShotSource,
+    SemanticDataset,
+    check_positive,
+    episode_mask,
+)
+from fss.data.io import check_same_size, read_image, resize_image, resize_label
+from fss.utils.errors import ConfigError, DataError
+
+PROTOCOLS = ("hsnet", "pfenet")
+ORDERS = ("list", "shuffle", "class")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset and its label map (``class_id`` for per-class masks)."""
+
+    image: Path
+    label: Path
+    class_id: int | None = None
+
+
+@dataclass
+class Plan:
+    """The episodes of one split of one fold, as lists.
+
+    records:  every image involved.
+    queries:  (record index, candidate classes) in list order.
+    pools:    class -> record indices of its support images (in list order).
+    order:    how queries are picked (see the module docstring).
+    classes:  the split's classes (``order="class"`` draws among them).
+    """
+
+    records: list[Record]
+    queries: list[tuple[int, tuple[int, ...]]]
+    pools: dict[int, list[int]]
+    order: str
+    classes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+
+
+# (image uint8 (H, W, 3), label uint8 (H, W), rng) -> both at one fixed size
+# (``fss.data.augment``: e.g. ``hdmnet_train_augmentation``).
+Augmentation = Callable[[np.ndarray, np.ndarray, np.random.Generator],
+                        tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize an image and its mask to ``size`` (``antialias`` picks the protocol's
+    bilinear, see ``fss.data.io``), or, given an ``augmentation`` and a generator, apply
+    the augmentation instead (it ends at its own fixed size, e.g. HDMNet's resize or
+    BAM's crop)."""
+
+    size: tuple[int, int]
+    antialias: bool = True
+    augmentation: Augmentation | None = None
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.augmentation is not None and rng is not None:
+            image, mask = self.augmentation(image, mask, rng)
+        else:
+            image = resize_image(image, self.size, self.antialias)
+            mask = resize_label(mask, self.size)
+        # torch.from_numpy wants writable arrays (PIL's are read-only views).
+        return np.require(image, requirements="CW"), np.require(mask, requirements="CW")
+
+
+LabelReader = Callable[[Record], np.ndarray]
+# (record, class) -> (H, W) uint8 mask: 1 = the class, 0 = other, 255 = ignore.
+MaskReader = Callable[[Record, int], np.ndarray]
+
+
+def load_pair(record: Record, read_label: LabelReader) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 image and the (H, W) uint8 map ``read_label(record)`` of ``record``."""
+    if not Path(record.image).is_file() and not Path(record.label).is_file():
+        raise DataError(f"neither the image {record.image} nor its label map {record.label} "
+                        "exists; re-run the prepare command for this dataset")
+    label = read_label(record)
+    image = read_image(record.image)
+    check_same_size(image, label, record.image, record.label)
+    return image, label
+
+
+class ListEpisodicDataset(EpisodicDataset):
+    """Episodes of a :class:`Plan` (see the module docstring).
+
+    ``keep_original``: also return the query mask at its original resolution
+    (``query_mask_orig``) for scoring there. ``transform.augmentation`` is used only when
+    ``augment`` is true (training); query and supports are augmented independently.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        read_mask: MaskReader,
+        transform: ImageTransform,
+        shot: int,
+        num_episodes: int,
+        seed: int,
+        epoch: int = 0,
+        augment: bool = False,
+        keep_original: bool = False,
+        name: str = "dataset",
+    ):
+        super().__init__(shot=shot, num_episodes=num_episodes, seed=seed, epoch=epoch)
+        if not plan.queries:
+            raise DataError(f"{name}: no query image in this split (its lists are empty or "
+                            "every image was filtered out)")
+        self.plan = plan
+        self.read_mask = read_mask
+        self.transform = transform
+        self.augment = augment
+        self.keep_original = keep_original
+        self.name = name
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    def _query(self, rng: np.random.Generator, index: int) -> tuple[int, tuple[int, ...]]:
+        plan = self.plan
+        count = len(plan.queries)
+        if plan.order == "list":
+            return plan.queries[index % count]
+        if plan.order == "shuffle":
+            block = index // count
+            key = (self.epoch, block)
+            if key not in self._permutations:
+                # A permutation per (seed, epoch, block); 2**62 keeps it apart from items.
+                perm_rng = np.random.default_rng((self.seed, self.epoch, 2**62 + block))
+                self._permutations = {key: perm_rng.permutation(count)}
+            return plan.queries[int(self._permutations[key][index % count])]
+        class_id = plan.classes[int(rng.integers(len(plan.classes)))]
+        pool = plan.pools.get(class_id, [])
+        if not pool:
+            raise DataError(f"{self.name}: class {class_id} has no image in the lists")
+        return pool[int(rng.integers(len(pool)))], (class_id,)
+
+    def sample_episode(self, rng: np.random.Generator, index: int) -> Episode:
+        record_index, candidates = self._query(rng, index)
+        # Classes with enough supports besides the query (PFENet picks among all of the
+        # query's classes; a class whose only image is the query cannot form an episode).
+        usable = [c for c in candidates
+                  if len(self.plan.pools.get(c, ())) - (record_index in self.plan.pools.get(c, ()))
+                  >= self.shot]
+        if not usable:
+            record = self.plan.records[record_index]
+            raise DataError(f"{self.name}: query {record.image} (classes {list(candidates)}) has "
+                            f"no class with {self.shot} support image(s) other than itself")
+        class_id = usable[int(rng.integers(len(usable)))]
+        pool = [r for r in self.plan.pools[class_id] if r != record_index]
+        chosen = rng.choice(len(pool), size=self.shot, replace=False)
+        support_indices = [pool[int(c)] for c in chosen]
+
+        query_image, query_mask = self._load(record_index, class_id)
+        original = query_mask if self.keep_original else None
+        query_image, query_mask = self.transform(
+            query_image, query_mask, rng if self.augment else None
+        )
+        support_images, support_masks = [], []
+        for support_index in support_indices:
+            image, mask = self._load(support_index, class_id)
+            image, mask = self.transform(image, mask, rng if self.augment else None)
+            support_images.append(image)
+            support_masks.append(mask)
+        return Episode(
+            class_id=class_id,
+            query_image=query_image,
+            query_mask=query_mask,
+            support_images=support_images,
+            support_masks=support_masks,
+            query_mask_orig=original,
+        )
+
+    def _load(self, record_index: int, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return load_pair(self.plan.records[record_index],
+                         lambda record: self.read_mask(record, class_id))
+
+
+class ListSemanticDataset(SemanticDataset):
+    """Base-class segmentation images from a list of records (see SemanticDataset).
+
+    Image ``i`` is the ``i % N``-th record, in list order (``shuffle=False``) or in a
+    permutation drawn from ``(seed, epoch)`` (training).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        read_label: LabelReader,
+        transform: ImageTransform,
+        fold: int,
+        num_classes: int,
+        num_images: int | None,
+        seed: int,
+        epoch: int = 0,
+        fold_scheme: str = "contiguous",
+        shuffle: bool = False,
+        name: str = "dataset",
+    ):
+        if not records:
+            raise DataError(f"{name}: no base-class image in this split")
+        if num_images is None or not shuffle:  # evaluation never repeats an image
+            num_images = len(records) if num_images is None else min(num_images, len(records))
+        super().__init__(
+            fold=fold,
+            num_classes=num_classes,
+            num_images=num_images,
+            seed=seed,
+            epoch=epoch,
+            fold_scheme=fold_scheme,
+        )
+        self.records = list(records)
+        self.read_label = read_label
+        self.transform = transform
+        self.shuffle = shuffle
+        self._order: np.ndarray | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._order = None
+
+    def sample(self, rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``index`` and its label map, augmented when ``transform`` has an
+        augmentation and this is the training split (``shuffle``)."""
+        position = index % len(self.records)
+        if self.shuffle:
+            if self._order is None:
+                self._order = np.random.default_rng((self.seed, self.epoch, 2**62)).permutation(
+                    len(self.records)
+                )
+            position = int(self._order[position])
+        image, label = load_pair(self.records[position], self.read_label)
+        return self.transform(image, label, rng if self.shuffle else None)
+
+
+class RealSource(FewShotSource):
+    """Shared behaviour of the on-disk sources: protocol options and plan caching.
+
+    Subclasses set ``name``, ``num_classes``, ``class_names``, ``num_folds``, implement
+    :meth:`_plan`, :meth:`_read_label` (or :meth:`_read_mask`) and
+    :meth:`_semantic_records`, and give their
+    protocol defaults in ``DEFAULT_SIZE``, ``TEST_EPISODES`` and ``AUGMENT_SCALE``.
+
+    Augmentation of training episodes: ``augment`` (``None``: on for the pfenet protocol or
+    when ``train_augmentation`` is given) applies ``train_augmentation``, by default
+    HDMNet's chain (``fss.data.augment.hdmnet_train_augmentation`` with the dataset's scale
+    range and ``image_size``). ``semantic_augmentation`` (e.g. BAM's base-learner chain)
+    applies to base-class training images; none by default.
+    """
+
+    DEFAULT_SIZE: dict[str, int] = {"hsnet": 400, "pfenet": 473}
+    TEST_EPISODES: dict[str, int] = {"hsnet": 1000, "pfenet": 1000}
+    VAL_EPISODES = 1000
+    AUGMENT_SCALE: tuple[float, float] = (0.9, 1.1)
+    PROTOCOLS: tuple[str, ...] = PROTOCOLS
+
+    def __init__(
+        self,
+        root: str | Path,
+        protocol: str = "hsnet",
+        image_size: int | None = None,
+        augment: bool | None = None,
+        fold_scheme: str = "contiguous",
+        train_augmentation: Augmentation | None = None,
+        semantic_augmentation: Augmentation | None = None,
+    ):
+        if protocol not in self.PROTOCOLS:
+            raise ConfigError(f"data.protocol={protocol!r} is not supported for {self.name}; "
+                              f"accepted: {', '.join(self.PROTOCOLS)}")
+        if fold_scheme not in folds.FOLD_SCHEMES:
+            raise ConfigError(f"data.fold_scheme={fold_scheme!r} is not supported; accepted: "
+                              f"{', '.join(folds.FOLD_SCHEMES)}")
+        self.root = Path(root).expanduser()
+        self.protocol = protocol
+        self.fold_scheme = fold_scheme
+        size = self.DEFAULT_SIZE[protocol] if image_size is None else image_size
+        self.image_size = check_positive("image_size", size)
+        if augment is None:
+            augment = protocol == "pfenet" or train_augmentation is not None
+        self.augment = bool(augment)
+        self.train_augmentation = train_augmentation
+        self.semantic_augmentation = semantic_augmentation
+        # HSNet scores at the network size by default, PFENet/BAM/HDMNet at the label's own.
+        self.eval_resolution = "original" if protocol == "pfenet" else "network"
+        self._plans: dict[tuple[str, int], Plan] = {}
+
+    # -- to implement ---------------------------------------------------------------
+    def _plan(self, split: str, fold: int) -> Plan:
+        raise NotImplementedError
+
+    def _read_label(self, record: Record) -> np.ndarray:
+        """(H, W) uint8 label map: 0 background, ``c + 1`` for class ``c``, 255 ignore."""
+        raise NotImplementedError
+
+    def _read_mask(self, record: Record, class_id: int) -> np.ndarray:
+        """(H, W) uint8 mask of ``class_id``: 1, 0 or 255 (ignore)."""
+        return episode_mask(self._read_label(record), class_id)
+
+    def _semantic_records(self, split: str, fold: int) -> list[Record]:
+        raise NotImplementedError
+
+    def check_layout(self) -> None:
+        """DataError naming the missing folder and the prepare command, if any."""
+
+    # -- FewShotSource --------------------------------------------------------------
+    def plan(self, split: str, fold: int) -> Plan:
+        """The (cached) plan of ``split`` ("val" and "test" share one)."""
+        key = ("train" if split == "train" else "test", fold)
+        if key not in self._plans:
+            folds.check_fold(fold, self.num_folds)
+            self.check_layout()
+            self._plans[key] = self._plan(key[0], fold)
+        return self._plans[key]
+
+    def transform(self, split: str, semantic: bool = False) -> ImageTransform:
+        augmentation = None
+        if split == "train" and semantic:
+            augmentation = self.semantic_augmentation
+        elif split == "train" and self.augment:
+            augmentation = self.train_augmentation
+            if augmentation is None:
+                from fss.data.augment import hdmnet_train_augmentation
+
+                augmentation = hdmnet_train_augmentation(self.AUGMENT_SCALE, self.image_size)
+        return ImageTransform(
+            size=(self.image_size, self.image_size),
+            antialias=self.protocol == "hsnet",
+            augmentation=augmentation,
+        )
+
+    def default_episodes(self, split: str, fold: int) -> int | None:
+        if split == "train":
+            return len(self.plan("train", fold).queries)
+        if split == "val":
+            return self.VAL_EPISODES
+        return self.TEST_EPISODES[self.protocol]
+
+    def episodic(
+        self, split: str, fold: int, shot: int, num_episodes: int, seed: int, epoch: int = 0
+    ) -> ListEpisodicDataset:
+        from fss.data.episodes import check_split
+
+        check_split(split)
+        return ListEpisodicDataset(
+            self.plan(split, fold),
+            read_mask=self._read_mask,
+            transform=self.transform(split),
+            shot=shot,
+            num_episodes=num_episodes,
+            seed=seed,
+            epoch=epoch,
+            augment=split == "train" and self.augment,
+            keep_original=split != "train",
+            name=f"{self.name} {split} fold {fold}",
+        )
+
+    def semantic(
+        self, split: str, fold: int, num_images: int | None, seed: int, epoch: int = 0
+    ) -> ListSemanticDataset:
+        from fss.data.episodes import check_split
+
+        check_split(split, ("train", "val"))
+        folds.check_fold(fold, self.num_folds)
+        self.check_layout()
+        return ListSemanticDataset(
+            self._semantic_records(split, fold),
+            read_label=self._read_label,
+            transform=self.transform(split, semantic=True),
+            fold=fold,
+            num_classes=self.num_classes,
+            num_images=num_images,
+            seed=seed,
+            epoch=epoch,
+            fold_scheme=self.fold_scheme,
+            shuffle=split == "train",
+            name=f"{self.name} base-class {split} fold {fold}",
+        )
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root='{self.root}', protocol={self.protocol!r}, "
+                f"image_size={self.image_size}, fold_scheme={self.fold_scheme!r})")
+
+
+def pools_from_queries(
+    queries: Sequence[tuple[int, tuple[int, ...]]], classes: Sequence[int]
+) -> dict[int, list[int]]:
+    """class -> record indices of the queries listing it (HSNet: supports come from the
+    same list as the queries)."""
+    pools: dict[int, list[int]] = {c: [] for c in classes}
+    seen: dict[int, set[int]] = {c: set() for c in classes}
+    for record_index, candidates in queries:
+        for c in candidates:
+            if c in pools and record_index not in seen[c]:
+                seen[c].add(record_index)
+                pools[c].append(record_index)
+    return pools
+
+
+class RecordTable:
+    """Deduplicating record store: the same image is one record however often it is listed."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self._index: dict[tuple[str, str, int | None], int] = {}
+
+    def add(self, image: Path, label: Path, class_id: int | None = None) -> int:
+        key = (str(image), str(label), class_id)
+        if key not in self._index:
+            self._index[key] = len(self.records)
+            self.records.append(Record(Path(image), Path(label), class_id))
+        return self._index[key]
+
+
+def plan_from_fold_lists(
+    data_list: Sequence[tuple[str, str, tuple[int, ...]]],
+    sub_class: Mapping[int, Sequence[tuple[str, str]]],
+    folder: Path,
+    order: str,
+) -> Plan:
+    """A :class:`Plan` from PFENet-protocol lists (paths relative to ``folder``)."""
+    table = RecordTable()
+    queries = [(table.add(folder / i, folder / lb), tuple(c)) for i, lb, c in data_list]
+    pools = {c: [table.add(folder / i, folder / lb) for i, lb in items]
+             for c, items in sub_class.items()}
+    return Plan(table.records, queries, pools, order, sorted(sub_class))
