@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.lightning.optim import build_optimizer, build_scheduler
+from fss.lightning.optim import lightning_optimizers
 from fss.metrics import FewShotIoU
 
 EVAL_RESOLUTIONS = ("network", "original")
@@ -152,14 +152,8 @@ class FewShotModule(L.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            raise ValueError("no optimizer configured: set model.optimizer in the config")
-        optimizer = build_optimizer(self.optimizer_factory, self.model)
-        if self.scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.optimizer_factory, self.scheduler_factory, self.model,
+                                    int(self.trainer.estimated_stepping_batches))
 
 
 def _argmax_of_single_shot(logits: torch.Tensor) -> torch.Tensor:

@@ -65,3 +65,19 @@ def build_scheduler(scheduler_factory: Callable, optimizer: torch.optim.Optimize
     if accepts_total:
         return scheduler_factory(optimizer, total_steps=total_steps)
     return scheduler_factory(optimizer)
+
+
+def lightning_optimizers(
+    optimizer_factory: Callable | None,
+    scheduler_factory: Callable | None,
+    model: nn.Module,
+    total_steps: int,
+):
+    """What a LightningModule's ``configure_optimizers`` returns; schedulers step per batch."""
+    if optimizer_factory is None:
+        raise ValueError("no optimizer configured: set model.optimizer in the config")
+    optimizer = build_optimizer(optimizer_factory, model)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = build_scheduler(scheduler_factory, optimizer, total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

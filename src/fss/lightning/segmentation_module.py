@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from fss.data.transforms import IGNORE_INDEX
-from fss.lightning.optim import build_optimizer, build_scheduler
+from fss.lightning.optim import lightning_optimizers
 
 
 class SegmentationModule(L.LightningModule):
@@ -47,9 +47,5 @@ class SegmentationModule(L.LightningModule):
         self.val_iou.reset()
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_factory, self.model)
-        if self.scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.optimizer_factory, self.scheduler_factory, self.model,
+                                    int(self.trainer.estimated_stepping_batches))
