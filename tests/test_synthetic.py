@@ -189,3 +189,24 @@ def test_preview_grid(tmp_path):
 
     path = save_preview(tmp_path / "preview.png", SceneGenerator(image_size=48), classes=range(4))
     assert Image.open(path).size[0] > 4 * 48
+
+
+def test_instance_colour_mode_draws_colours_per_object():
+    """colour=instance: a class keeps its shape and texture but not its colours."""
+    import numpy as np
+
+    from fss.data import SceneGenerator
+
+    def target_colours(colour: str) -> np.ndarray:
+        generator = SceneGenerator(image_size=64, colour=colour)
+        means = []
+        for index in range(12):
+            scene = generator.scene(seed=3, index=index, target=7)
+            means.append(scene.image[scene.label == 8].mean(0))
+        return np.stack(means)
+
+    spread_class = target_colours("class").std(0).mean()
+    spread_instance = target_colours("instance").std(0).mean()
+    assert spread_instance > 2 * spread_class, (spread_instance, spread_class)
+    with pytest.raises(ValueError, match="colour must be one of instance, class"):
+        SceneGenerator(colour="rainbow")

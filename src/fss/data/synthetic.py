@@ -51,6 +51,8 @@ SHAPES = (
     "half-disk",
 )
 TEXTURES = ("striped", "checkered", "dotted", "ringed", "gradient")
+COLOUR_MODES = ("instance", "class")
+
 # Two colours per palette (RGB); instances jitter them.
 PALETTES = (
     ("red-yellow", (215, 35, 35), (245, 215, 45)),
@@ -244,9 +246,13 @@ class SceneGenerator:
     max_attempts = 30
     min_target_fraction = 0.02  # resample while the target covers less than this share
 
-    def __init__(self, image_size: int = 128, level: str = "demo", num_classes: int = 20):
+    def __init__(self, image_size: int = 128, level: str = "demo", num_classes: int = 20,
+                 colour: str = "class"):
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
             raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
+        if colour not in COLOUR_MODES:
+            raise ValueError(f"colour must be one of {', '.join(COLOUR_MODES)}, got {colour!r}")
+        self.colour = colour
         if level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(LEVEL_NAMES)}, got {level!r}")
         self.image_size = image_size
@@ -339,7 +345,11 @@ class SceneGenerator:
             mask = _shape_mask(spec.shape, u, v)
             if not mask.any():
                 continue
-            colours = self._jitter_palette(rng, spec.palette)
+            # "instance": a class is its (shape, texture); every instance draws its own
+            # palette, so colour alone never identifies a class (the issue's "per-instance
+            # colour jitter"). "class": the palette is part of the class identity.
+            palette = spec.palette if self.colour == "class" else int(rng.integers(len(PALETTES)))
+            colours = self._jitter_palette(rng, palette)
             weight = _texture(spec.texture, u, v, rng)[..., None]
             pixels = colours[0] * (1.0 - weight) + colours[1] * weight
             pixels *= self._shading(rng, u, v)[..., None]
@@ -597,8 +607,10 @@ class SyntheticSource(FewShotSource):
     fold_scheme = "contiguous"
     num_folds = 4
 
-    def __init__(self, image_size: int = 128, level: str = "demo", num_classes: int = 20):
-        self.generator = SceneGenerator(image_size=image_size, level=level, num_classes=num_classes)
+    def __init__(self, image_size: int = 128, level: str = "demo", num_classes: int = 20,
+                 colour: str = "class"):
+        self.generator = SceneGenerator(image_size=image_size, level=level, num_classes=num_classes,
+                                        colour=colour)
         self.name = f"synthetic-{level}"
         self.level = level
         self.image_size = image_size
