@@ -3,6 +3,11 @@
     python benchmarks/bench_inference.py                       # HSNet, every backbone, 1/5-shot, 400²
     python benchmarks/bench_inference.py --models hsnet --backbones resnet50 --shots 1 --size 400
     python benchmarks/bench_inference.py --device cuda         # on a GPU (also reports CUDA peak memory)
+    python benchmarks/bench_inference.py --models hdmnet --backbones resnet50 --shots 1 5 --sizes 473 633
+
+HDMNet sizes: 473 (PASCAL-5i, the default) and 633 (COCO-20i); both satisfy PSPNet's
+(H - 1) % 8 == 0 rule. HDMNet is built with a random base learner (``weights=None``) and
+``shot`` = the benchmarked K (its 5-shot model carries the trained ``kshot_rw``).
 
 Random weights (no downloads): speed does not depend on the weight values. Each
 configuration runs in a fresh subprocess so its peak resident memory is its own.
@@ -95,7 +100,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "resnet50", "resnet101"])
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--sizes", nargs="+", type=int, default=None,
-                        help="input sizes (default: 400 for HSNet, 473 for HDMNet)")
+                        help="input sizes (default: 400 for HSNet, 473 for HDMNet; "
+                             "HDMNet on COCO: 633)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)

@@ -124,6 +124,9 @@ class PSPNet(nn.Module):
         head_channels: width of the ``cls`` 3×3 conv (512 in the official code; the
             ``resnet_small`` benchmark variant uses 128).
         strict_size: enforce ``(H - 1) % 8 == 0`` (see the module docstring).
+        backbone_lr_scale, head_lr_scale: learning-rate multipliers of the two optimizer
+            groups (``trainable_parameters``). BAM: 1 and 10 on PASCAL (``index_split: 0``),
+            10 and 10 on COCO (``index_split: -1``).
     """
 
     def __init__(
@@ -134,6 +137,8 @@ class PSPNet(nn.Module):
         head_channels: int | None = None,
         dropout: float = 0.1,
         strict_size: bool = True,
+        backbone_lr_scale: float = 1.0,
+        head_lr_scale: float = 10.0,
     ) -> None:
         super().__init__()
         if backbone not in PSP_BACKBONES:
@@ -147,6 +152,7 @@ class PSPNet(nn.Module):
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.strict_size = strict_size
+        self.lr_scales = {"backbone": float(backbone_lr_scale), "head": float(head_lr_scale)}
         stages, channels = build_psp_backbone(backbone, backbone_weights)
         self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.stage_channels = channels  # outputs of layer0 .. layer4
@@ -219,12 +225,13 @@ class PSPNet(nn.Module):
         return {"loss": loss, "logits": logits, "ce": loss}
 
     def trainable_parameters(self) -> list[dict]:
-        """Backbone at the base lr, PPM + classifier at 10× (BAM ``index_split=0``)."""
+        """Backbone at the base lr, PPM + classifier at 10× (BAM ``index_split=0``; the
+        multipliers are ``backbone_lr_scale`` / ``head_lr_scale``)."""
         backbone = [p for m in self.backbone_modules() for p in m.parameters()]
         head = [*self.ppm.parameters(), *self.cls.parameters()]
         return [
-            {"params": backbone, "lr_scale": 1.0, "name": "backbone"},
-            {"params": head, "lr_scale": 10.0, "name": "head"},
+            {"params": backbone, "lr_scale": self.lr_scales["backbone"], "name": "backbone"},
+            {"params": head, "lr_scale": self.lr_scales["head"], "name": "head"},
         ]
 
 
