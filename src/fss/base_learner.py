@@ -366,14 +366,10 @@ def run_base_learner(cfg: DictConfig) -> dict[str, Any]:
         miou = meta.get("val_miou_base")
         miou = float("nan") if miou is None else float(miou)
         test_seconds = 0.0
+    from fss.pipeline import job_identity
+
     metrics = {
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "backbone": cfg.backbone.name,
-        "fold": cfg.fold,
-        "shot": cfg.shot,
-        "train_shot": cfg.train_shot,
-        "seed": cfg.seed,
+        **job_identity(cfg),
         "episodes": 0,
         "mIoU": round(miou, 2),
         "FB-IoU": float("nan"),

@@ -159,13 +159,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     test_seconds = time.perf_counter() - test_start
     scores = _mean_scores([r for _, r in per_seed]) if seeds else (results[0] if results else {})
     metrics = {
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "backbone": cfg.backbone.name,
-        "fold": cfg.fold,
-        "shot": cfg.shot,
-        "train_shot": cfg.train_shot,
-        "seed": cfg.seed,
+        **job_identity(cfg),
         "episodes": int(scores.get("test/episodes", 0)),
         "mIoU": round(float(scores.get("test/miou", float("nan"))), 2),
         "FB-IoU": round(float(scores.get("test/fbiou", float("nan"))), 2),
@@ -189,6 +183,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if failure:
         raise RegressionError(failure)
     return metrics
+
+
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The fields that say which job a metrics.json belongs to (read by sweep reports)."""
+    return {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "backbone": cfg.backbone.name,
+        "fold": cfg.fold,
+        "shot": cfg.shot,
+        "train_shot": cfg.train_shot,
+        "seed": cfg.seed,
+    }
 
 
 def _verify(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:
