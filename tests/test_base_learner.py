@@ -68,6 +68,20 @@ def test_second_run_reuses_the_checkpoint(trained, caplog):
     assert checkpoint.stat().st_mtime_ns == stamp
 
 
+def test_model_pspnet_test_mode_evaluates_the_cached_checkpoint(trained, tmp_path):
+    _, _, cache, _ = trained
+    from tests.conftest import compose_config
+
+    checkpoint = next(cache.glob("base_learner/*/best.pth"))
+    stamp = checkpoint.stat().st_mtime_ns
+    metrics = run(compose_config(["model=pspnet", "mode=test", *TINY], tmp_path, cache))
+    assert metrics["mode"] == "test" and metrics["checkpoint"] == str(checkpoint)
+    assert 0.0 <= metrics["mIoU"] <= 100.0 and checkpoint.stat().st_mtime_ns == stamp
+    # Nothing cached for fold 1: test mode never trains.
+    with pytest.raises(ConfigError, match="no base-learner"):
+        run(compose_config(["model=pspnet", "mode=test", "fold=1", *TINY], tmp_path, cache))
+
+
 def test_checkpoint_of_another_fold_is_refused(trained, tmp_path):
     _, _, cache, _ = trained
     from tests.conftest import compose_config
