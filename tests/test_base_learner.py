@@ -14,6 +14,8 @@ from fss.models.pspnet import PSPNet
 from fss.pipeline import run
 from fss.utils.errors import ConfigError
 
+# Shared 2-core machine: one intra-op thread avoids OpenMP spin-waits under load.
+torch.set_num_threads(1)
 # 65 = 8·8 + 1: PSPNet's (H - 1) % 8 == 0 rule with tiny scenes.
 TINY = ["data.image_size=65", "data.module.num_workers=0", "data.semantic.num_workers=0",
         "debug=fdr"]

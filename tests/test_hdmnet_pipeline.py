@@ -11,12 +11,15 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from fss.pipeline import run
 
+# Shared 2-core machine: one intra-op thread avoids OpenMP spin-waits under load.
+torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=65", "data.module.num_workers=0", "data.semantic.num_workers=0"]
 FDR = [*TINY, "debug=fdr"]
