@@ -3,6 +3,7 @@ real benchmarks (PASCAL-5i, COCO-20i, FSS-1000)."""
 
 from fss.data.coco import CocoSource
 from fss.data.datamodule import FewShotDataModule, SemanticDataModule
+from fss.data.domain_shift import DomainShiftSource
 from fss.data.episodes import (
     Episode,
     EpisodicDataset,
@@ -27,6 +28,7 @@ from fss.data.transforms import IGNORE_INDEX, denormalize, image_to_tensor
 __all__ = [
     "IGNORE_INDEX",
     "CocoSource",
+    "DomainShiftSource",
     "Episode",
     "EpisodicDataset",
     "FSS1000Source",

@@ -119,16 +119,30 @@ class PascalSource(RealSource):
 
     def _plan(self, split: str, fold: int) -> Plan:
         if self.protocol == "hsnet":
-            table = RecordTable()
-            queries = [(table.add(*self._record(image_id)), (class_id,))
-                       for image_id, class_id in self.hsnet_pairs(split, fold)]
             classes = self.base_classes(fold) if split == "train" else self.novel_classes(fold)
             order = "shuffle" if split == "train" else "list"
-            return Plan(table.records, queries, pools_from_queries(queries, classes), order,
-                        classes)
+            return self._hsnet_plan(self.hsnet_pairs(split, fold), classes, order)
         lists = self.pfenet_lists(split, fold)
         return plan_from_fold_lists(lists.data_list, lists.sub_class, self.folder,
                                     "shuffle" if split == "train" else "list")
+
+    def _hsnet_plan(self, pairs: list[tuple[str, int]], classes: list[int], order: str) -> Plan:
+        table = RecordTable()
+        queries = [(table.add(*self._record(image_id)), (class_id,))
+                   for image_id, class_id in pairs]
+        return Plan(table.records, queries, pools_from_queries(queries, classes), order, classes)
+
+    def _class_plan(self, classes: list[int]) -> Plan:
+        """Test episodes of any classes: hsnet, the pairs of those classes in the four
+        ``val`` lists (in fold order, then list order); pfenet, the test list's images
+        with one of them (>= 2048 pixels to be asked for), as for a fold."""
+        if self.protocol == "hsnet":
+            wanted = set(classes)
+            pairs = [pair for fold in range(self.num_folds)
+                     for pair in hsnet_pascal_pairs(self.lists, "val", fold) if pair[1] in wanted]
+            return self._hsnet_plan(pairs, classes, "list")
+        lists = derive_fold_lists(self._index("test"), classes, drop_other_classes=False)
+        return plan_from_fold_lists(lists.data_list, lists.sub_class, self.folder, "list")
 
     # -- PFENet-protocol lists --------------------------------------------------------
     def _index(self, split: str):

@@ -316,7 +316,7 @@ class RealSource(FewShotSource):
         self.semantic_augmentation = semantic_augmentation
         # HSNet scores at the network size by default, PFENet/BAM/HDMNet at the label's own.
         self.eval_resolution = "original" if protocol == "pfenet" else "network"
-        self._plans: dict[tuple[str, int], Plan] = {}
+        self._plans: dict[tuple, Plan] = {}
 
     # -- to implement ---------------------------------------------------------------
     def _plan(self, split: str, fold: int) -> Plan:
@@ -332,6 +332,11 @@ class RealSource(FewShotSource):
 
     def _semantic_records(self, split: str, fold: int) -> list[Record]:
         raise NotImplementedError
+
+    def _class_plan(self, classes: list[int]) -> Plan:
+        """Test episodes of ``classes``, any of the dataset's (see :meth:`class_episodic`)."""
+        raise ConfigError(f"{self.name} cannot be tested on a class set of another dataset's "
+                          "fold; cross-dataset testing supports PASCAL-5i (PascalSource)")
 
     def check_layout(self) -> None:
         """DataError naming the missing folder and the prepare command, if any."""
@@ -386,6 +391,31 @@ class RealSource(FewShotSource):
             augment=split == "train" and self.augment,
             keep_original=split != "train",
             name=f"{self.name} {split} fold {fold}",
+        )
+
+    def class_episodic(
+        self, classes: Sequence[int], shot: int, num_episodes: int, seed: int
+    ) -> ListEpisodicDataset:
+        """Test episodes of the given classes instead of a fold's novel ones (cross-dataset
+        testing, e.g. COCO-20i -> PASCAL-5i): the test split's images, the protocol's
+        transform, episodes as for ``episodic("test", ...)``."""
+        classes = sorted({int(c) for c in classes})
+        if not classes or not all(0 <= c < self.num_classes for c in classes):
+            raise ConfigError(f"test classes {classes} of {self.name} must be a non-empty "
+                              f"subset of 0..{self.num_classes - 1}")
+        key = ("classes", tuple(classes))
+        if key not in self._plans:
+            self.check_layout()
+            self._plans[key] = self._class_plan(classes)
+        return ListEpisodicDataset(
+            self._plans[key],
+            read_mask=self._read_mask,
+            transform=self.transform("test"),
+            shot=shot,
+            num_episodes=num_episodes,
+            seed=seed,
+            keep_original=True,
+            name=f"{self.name} test classes {classes}",
         )
 
     def semantic(
