@@ -29,6 +29,8 @@ def run_job(cfg: DictConfig) -> float | None:
     except ConfigError as error:
         _write_failure(cfg, error)
         print(f"error: {error}", file=sys.stderr)
+        if _in_multirun():
+            raise  # Hydra records it per job and carries on; exiting here would end the sweep
         sys.exit(2)
     except Exception as error:
         _write_failure(cfg, error)
@@ -37,6 +39,13 @@ def run_job(cfg: DictConfig) -> float | None:
         _finish_wandb()
     print_summary(metrics)
     return metrics["mIoU"]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _single_log_stream() -> None:

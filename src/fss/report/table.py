@@ -1,0 +1,153 @@
+"""A sweep's jobs as paper-style rows: one row per (model, data, backbone, shot, variant),
+one column per fold, the mean over folds, FB-IoU, the paper's number and the difference.
+
+The variant of a job is its overrides of keys whose value differs between the jobs of the
+sweep (e.g. ``model.net.num_stages=2`` in an ablation sweep), except the row and column keys
+themselves and paths. The paper's numbers come from each job's metrics.json ``paper`` block
+(the experiment file's ``paper:``; see conf/config.yaml).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fss.report.jobs import Job, Sweep
+
+FOLDS = (0, 1, 2, 3)
+# Override keys never used to tell rows apart: they are columns, row keys, or locations.
+NOT_VARIANT_KEYS = ("fold", "shot", "model", "data", "backbone")
+NOT_VARIANT_PREFIXES = ("paths.", "hydra.")
+
+
+@dataclass
+class Row:
+    model: str
+    data: str
+    backbone: str
+    shot: int | None
+    variant: str
+    jobs: dict[int, Job] = field(default_factory=dict)   # fold -> the job shown
+    unshown: list[Job] = field(default_factory=list)     # a repeated fold, or fold unknown
+
+    @property
+    def label(self) -> str:
+        text = f"{self.model} / {self.data} / {self.backbone} / {self.shot}-shot"
+        return f"{text} / {self.variant}" if self.variant else text
+
+    @property
+    def scored_folds(self) -> list[int]:
+        return sorted(f for f, job in self.jobs.items() if job.has_score)
+
+    def fold_miou(self, fold: int) -> float | None:
+        job = self.jobs.get(fold)
+        return float(job.metrics["mIoU"]) if job is not None and job.has_score else None
+
+    @property
+    def mean(self) -> float | None:
+        values = [self.fold_miou(f) for f in self.scored_folds]
+        return _mean(values)
+
+    @property
+    def fbiou(self) -> float | None:
+        values = [float(self.jobs[f].metrics.get("FB-IoU", math.nan)) for f in self.scored_folds]
+        return _mean([v for v in values if not math.isnan(v)])
+
+    # -- the paper ------------------------------------------------------------------------
+    @property
+    def paper(self) -> dict[str, Any] | None:
+        """The first ``paper`` block among the row's jobs."""
+        for job in self.jobs.values():
+            block = (job.metrics or {}).get("paper")
+            if isinstance(block, dict):
+                return block
+        return None
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """The paper's numbers for this row's shot, keyed '0'..'3', 'mean', 'fbiou'."""
+        block = self.paper or {}
+        by_shot = {str(k): v for k, v in (block.get("targets") or {}).items()}
+        numbers = by_shot.get(str(self.shot)) or {}
+        return {str(k): float(v) for k, v in numbers.items() if v is not None}
+
+    @property
+    def expected_folds(self) -> list[int]:
+        """The folds the paper reports for this shot; else all four, or the folds run when
+        the paper has a single number (e.g. FSS-1000)."""
+        per_fold = sorted(int(k) for k in self.targets if k.isdigit())
+        if per_fold:
+            return per_fold
+        if self.targets:
+            return sorted(self.jobs)
+        return list(FOLDS)
+
+    @property
+    def paper_miou(self) -> float | None:
+        """The paper's mean when every fold it reports was scored here; else the mean of its
+        per-fold numbers over the folds scored here (see :attr:`paper_is_partial`)."""
+        scored = self.scored_folds
+        if not scored:
+            return None
+        if set(self.expected_folds) <= set(scored) and "mean" in self.targets:
+            return self.targets["mean"]
+        if all(str(f) in self.targets for f in scored):
+            return _mean([self.targets[str(f)] for f in scored])
+        return None
+
+    @property
+    def paper_is_partial(self) -> bool:
+        return self.paper_miou is not None and not set(self.expected_folds) <= set(self.scored_folds)
+
+    @property
+    def delta(self) -> float | None:
+        if self.mean is None or self.paper_miou is None:
+            return None
+        return self.mean - self.paper_miou
+
+    @property
+    def paper_fbiou(self) -> float | None:
+        return self.targets.get("fbiou")
+
+
+def build_rows(sweep: Sweep) -> list[Row]:
+    """Rows in the order their first job appears; a fold's first job is shown, a further
+    job of the same row and fold (or one whose fold is unknown) is kept in ``unshown``."""
+    variants = _variants(sweep.jobs)
+    rows: dict[tuple, Row] = {}
+    for job in sweep.jobs:
+        identity = job.identity
+        key = (str(identity["model"]), str(identity["data"]), str(identity["backbone"]),
+               identity["shot"], variants[job.name])
+        row = rows.setdefault(key, Row(*key))
+        fold = identity["fold"]
+        if not isinstance(fold, int) or fold in row.jobs:
+            row.unshown.append(job)
+        else:
+            row.jobs[fold] = job
+    return list(rows.values())
+
+
+def _variants(jobs: list[Job]) -> dict[str, str]:
+    parsed = {job.name: _override_dict(job.overrides) for job in jobs}
+    keys = sorted({k for overrides in parsed.values() for k in overrides})
+    differing = [k for k in keys if len({o.get(k) for o in parsed.values()}) > 1]
+    return {name: " ".join(f"{k}={o[k]}" for k in differing if k in o)
+            for name, o in parsed.items()}
+
+
+def _override_dict(overrides: tuple[str, ...]) -> dict[str, str]:
+    result = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key in NOT_VARIANT_KEYS or key.startswith(NOT_VARIANT_PREFIXES):
+            continue
+        result[key] = value
+    return result
+
+
+def _mean(values: list[float | None]) -> float | None:
+    numbers = [v for v in values if v is not None]
+    return sum(numbers) / len(numbers) if numbers else None
