@@ -228,3 +228,19 @@ def test_hdmnet_ablation_values_build_the_model(compose_cfg, path):
                 assert (net.ensemble is not None) == (value == "true")
             else:
                 assert getattr(net, attribute) == yaml.safe_load(value)
+
+
+def test_readme_lists_every_paper_table_with_command_and_targets():
+    """The README's table is `python -m fss.report.catalog` verbatim (regenerate it there)."""
+    from fss.report.catalog import read_entries, summarize_targets, to_markdown
+
+    entries = read_entries()
+    names = {e.name for e in entries}
+    assert {"hsnet_pascal_r50", "hsnet_coco_r101", "hsnet_fss1000_vgg16", "hsnet_kernels",
+            "hdmnet_pascal_r50", "hdmnet_coco_r50"} <= names
+    assert next(e for e in entries if e.name == "hsnet_pascal_r50").targets == \
+        "1-shot 64.0, 5-shot 69.5"
+    assert summarize_targets({"dense": {1: {"mean": 64.9}}, "cp": {1: {0: 1.0}}}) == \
+        "dense: 1-shot 64.9"
+    readme = (ROOT / "README.md").read_text()
+    assert to_markdown(entries) in readme, "README table out of date: python -m fss.report.catalog"
