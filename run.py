@@ -21,5 +21,24 @@ def main(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
+def restore_from_checkpoint(argv: list[str]) -> list[str]:
+    """``mode=test ckpt_path=<file>``: add the settings the checkpoint records (its model,
+    backbone, data, fold ...); those on the command line win (docs/checkpoints.md)."""
+    if not any(arg.startswith("ckpt_path=") for arg in argv):
+        return argv
+    from fss.checkpoints import restore_command_line
+    from fss.utils.errors import ConfigError
+
+    try:
+        argv, restored = restore_command_line(argv)
+    except ConfigError as error:  # one line and exit status 2, as fss.cli does
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if restored:
+        print(f"fss: taken from the checkpoint: {' '.join(restored)}", file=sys.stderr)
+    return argv
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = restore_from_checkpoint(sys.argv[1:])
     main()

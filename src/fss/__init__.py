@@ -1,2 +1,17 @@
 """fss: few-shot semantic segmentation suite."""
+
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "load_checkpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `import fss` stays light (no torch / Hydra until a model is loaded).
+    if name == "load_checkpoint":
+        from fss.checkpoints import load_checkpoint
+
+        return load_checkpoint
+    raise AttributeError(f"module 'fss' has no attribute {name!r}")

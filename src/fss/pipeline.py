@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fss.checkpoints import describe_run, inspect_run_checkpoint, load_test_weights
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
 from fss.utils.errors import ConfigError, RegressionError
@@ -74,7 +75,11 @@ def resolve_backbone_weights(cfg: DictConfig) -> str | None:
     if stage:
         from hydra.utils import get_method
 
-        return str(get_method(stage)(cfg))
+        path = get_method(stage)(cfg)  # None: the stage has nothing to load (e.g. mode=test)
+        return None if path is None else str(path)
+    if cfg.mode == "test" and cfg.ckpt_path:
+        log.info("mode=test with ckpt_path: the backbone weights come from %s", cfg.ckpt_path)
+        return None
     weights = cfg.backbone.weights
     if weights == "pretrain":
         from fss.pretrain import ensure_pretrained_backbone
@@ -106,6 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
+    # What ckpt_path holds (ours, Lightning, official), checked against the config first.
+    checkpoint = inspect_run_checkpoint(cfg) if cfg.ckpt_path else None
 
     datamodule = instantiate(cfg.data.module)
     weights = resolve_backbone_weights(cfg)
@@ -116,14 +123,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         calibrate_on_base_episodes(net, datamodule, **cfg.model.get("calibration", {}))
 
+    eval_resolution = resolve_eval_resolution(cfg, datamodule)
     module = FewShotModule(
         net,
         optimizer=instantiate(cfg.model.optimizer) if cfg.model.get("optimizer") else None,
         scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
         eval_class_ids=datamodule.novel_classes,
         base_class_ids=datamodule.base_classes,
-        eval_resolution=resolve_eval_resolution(cfg, datamodule),
+        eval_resolution=eval_resolution,
         val_class_ids=getattr(datamodule, "val_classes", None),
+        run_info=describe_run(cfg, datamodule, eval_resolution),  # saved in its checkpoints
+        compile=bool(cfg.model.get("compile", False)),
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainable = bool(cfg.model.get("trainable", True))
@@ -141,8 +151,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         fit_seconds = time.perf_counter() - fit_start
         test_ckpt = _best_checkpoint(trainer)
-    elif cfg.mode == "test":
-        test_ckpt = cfg.ckpt_path
+    elif cfg.mode == "test" and checkpoint is not None:
+        test_ckpt = load_test_weights(checkpoint, net)  # None: an official file, loaded now
 
     test_start = time.perf_counter()
     seeds = [int(s) for s in cfg.get("test_seeds") or []]
@@ -166,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "class_iou": {k.split("class")[-1]: round(v, 2) for k, v in scores.items()
                       if k.startswith("test/iou_class")},
         "mode": cfg.mode,
-        "checkpoint": str(test_ckpt) if test_ckpt else None,
+        "checkpoint": str(test_ckpt or (cfg.ckpt_path if cfg.mode == "test" else "")) or None,
         "fit_seconds": round(fit_seconds, 1),
         "test_seconds": round(test_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -195,7 +205,25 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "shot": cfg.shot,
         "train_shot": cfg.train_shot,
         "seed": cfg.seed,
+        # The command-line overrides of this job (a multirun's swept values among them), so a
+        # report can tell the rows of an ablation sweep apart; [] outside a Hydra app.
+        "overrides": _job_overrides(),
+        # The experiment's published numbers (``paper:`` in experiments/*.yaml), or None.
+        "paper": _paper(cfg),
     }
+
+
+def _paper(cfg: DictConfig) -> dict[str, Any] | None:
+    paper = cfg.get("paper")
+    return OmegaConf.to_container(paper, resolve=True) if OmegaConf.is_config(paper) else paper
+
+
+def _job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
 
 
 def _verify(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:

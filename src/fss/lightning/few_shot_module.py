@@ -41,6 +41,11 @@ class FewShotModule(L.LightningModule):
             ``per_shot_logits`` (HSNet) vote their K shots at the original size.
         val_class_ids: classes of validation episodes (default ``eval_class_ids``; FSS-1000
             validates on its own class split).
+        run_info: the run's description (``fss.checkpoints.describe_run``: model config,
+            backbone, data protocol, fold, shots, fss version), written into every
+            checkpoint under ``"fss"`` so that it can be tested and used without its config.
+        compile: ``torch.compile`` every trainable child of ``model`` in place
+            (:func:`compile_trainable_children`; config ``model.compile``).
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class FewShotModule(L.LightningModule):
         base_class_ids: Sequence[int] = (),
         eval_resolution: str = "network",
         val_class_ids: Sequence[int] | None = None,
+        run_info: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -74,6 +81,9 @@ class FewShotModule(L.LightningModule):
                               else [int(c) for c in val_class_ids])
         self.val_iou = FewShotIoU(self.val_class_ids)
         self.test_iou = FewShotIoU(self.eval_class_ids)
+        self.run_info = run_info
+        if compile:
+            compile_trainable_children(self.model)
 
     # -- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -150,10 +160,31 @@ class FewShotModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metric("test", self.test_iou)
 
+    # -- checkpoints ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_info is not None:
+            from fss.checkpoints import CHECKPOINT_KEY
+
+            checkpoint[CHECKPOINT_KEY] = self.run_info
+
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         return lightning_optimizers(self.optimizer_factory, self.scheduler_factory, self.model,
                                     int(self.trainer.estimated_stepping_batches))
+
+
+def compile_trainable_children(model: nn.Module, **options: Any) -> list[str]:
+    """``torch.compile`` in place (``nn.Module.compile``: state-dict keys unchanged) every
+    direct child of ``model`` that has trainable parameters: HSNet's learner, HDMNet's
+    transformer and merge layers. Frozen backbones stay eager: they run as folded copies
+    and feed data-dependent (mask-pruned) products that would only break graphs.
+    Returns the compiled children's names."""
+    names = []
+    for name, child in model.named_children():
+        if any(parameter.requires_grad for parameter in child.parameters()):
+            child.compile(**options)
+            names.append(name)
+    return names
 
 
 def _argmax_of_single_shot(logits: torch.Tensor) -> torch.Tensor:

@@ -224,6 +224,15 @@ class PSPNet(nn.Module):
         loss = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
         return {"loss": loss, "logits": logits, "ce": loss}
 
+    @classmethod
+    def from_official_checkpoint(cls, path: str | Path | Mapping, **kwargs) -> PSPNet:
+        """A PSPNet in eval mode from a BAM ``best.pth`` (backbone and class count read
+        from the file; ``kwargs`` go to the constructor). Every key must match: see
+        :mod:`fss.models.official`."""
+        from fss.models.official import pspnet_from_official
+
+        return pspnet_from_official(path, **kwargs)
+
     def trainable_parameters(self) -> list[dict]:
         """Backbone at the base lr, PPM + classifier at 10× (BAM ``index_split=0``; the
         multipliers are ``backbone_lr_scale`` / ``head_lr_scale``)."""

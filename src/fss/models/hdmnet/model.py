@@ -36,21 +36,21 @@ explicit ``class_ids`` argument instead of the training flag.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fss.models.folding import FoldedCache
 from fss.models.hdmnet.attention import SelfAttentionStage
 from fss.models.hdmnet.distillation import correlation_distillation_loss
 from fss.models.hdmnet.ensemble import BaseLearnerEnsemble, gram_distance
 from fss.models.hdmnet.matching import MATCHING_MODES, MatchingStage
 from fss.models.hdmnet.priors import masked_average_pool, max_cosine_prior
-from fss.models.pspnet import IGNORE_INDEX, PSPNet, load_pspnet_checkpoint
+from fss.models.pspnet import IGNORE_INDEX, PSPFeatures, PSPNet, load_pspnet_checkpoint
 
 SUPPORT_MASK_MODES = ("image", "feature")
 MAX_STAGES = 4
@@ -283,6 +283,7 @@ class HDMNet(nn.Module):
             load_pspnet_checkpoint(self.pspnet, weights, prefix=weights_prefix)
         self.pspnet.requires_grad_(False)
         self.pspnet.eval()
+        self._folded_pspnet = FoldedCache()  # not a submodule: no state-dict keys
 
         channels = self.pspnet.stage_channels
         feature_dim = channels[2] + channels[3]
@@ -352,9 +353,23 @@ class HDMNet(nn.Module):
             )
         elif self.use_support_mask:
             layer3_mask = flat_masks
+        # The frozen PSPNet runs as its BatchNorm-folded channels-last copy (same maps up
+        # to float rounding, fss.models.folding); query and supports in one pass when no
+        # feature-level mask separates them.
+        pspnet = self._folded_pspnet.get(self.pspnet)
+        channels_last = torch.channels_last
         with torch.no_grad():
-            query = self.pspnet.extract_features(query_img)
-            support = self.pspnet.extract_features(flat_imgs, layer3_mask=layer3_mask)
+            if layer3_mask is None:
+                images = torch.cat([query_img, flat_imgs]).contiguous(memory_format=channels_last)
+                both = pspnet.extract_features(images)
+                batch = query_img.shape[0]
+                query = PSPFeatures(*(getattr(both, f.name)[:batch] for f in fields(both)))
+                support = PSPFeatures(*(getattr(both, f.name)[batch:] for f in fields(both)))
+            else:
+                query = pspnet.extract_features(query_img.contiguous(memory_format=channels_last))
+                support = pspnet.extract_features(
+                    flat_imgs.contiguous(memory_format=channels_last), layer3_mask=layer3_mask
+                )
         return query, support, flat_masks
 
     @staticmethod
@@ -513,27 +528,29 @@ class HDMNet(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    @classmethod
+    def from_official_checkpoint(cls, path: str | Path | Mapping, **kwargs) -> HDMNet:
+        """An HDMNet in eval mode from an official checkpoint (Pbihao/HDMNet
+        ``train_epoch_*.pth`` / ``final.pth``: the whole ``OneModel``, frozen PSPNet
+        included), or from a BAM PSPNet ``best.pth`` (only the base learner is loaded; the
+        meta-learner keeps its initialisation).
 
-# Official checkpoint (Pbihao/HDMNet, DDP: keys prefixed "module.") → this module.
-_OFFICIAL_RENAMES = (
-    (r"^(layer[0-4]|ppm)\.", r"pspnet.\1."),
-    (r"^cls\.([01])\.", r"pspnet.cls.\1."),
-    (r"^base_learnear\.2\.", "pspnet.cls.4."),
-    (r"^transformer\.mix_transformer\.", "transformer."),
-    (r"^(gram_merge|cls_merge|kshot_rw)\.", r"ensemble.\1."),
-)
+        Backbone, base-class count and shot are read from the file; ``kwargs`` go to the
+        constructor and win. Unknown, missing or mis-shaped keys raise a
+        :class:`~fss.models.official.CheckpointMismatchError` that names them.
+        """
+        from fss.models.official import hdmnet_from_official
+
+        return hdmnet_from_official(path, **kwargs)
 
 
 def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the keys of an official HDMNet checkpoint's ``state_dict`` to this module's
     (then ``model.load_state_dict(converted)``). Only prefixes differ: the transformer
-    blocks carry the official names and indices."""
-    converted = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        for pattern, replacement in _OFFICIAL_RENAMES:
-            key, count = re.subn(pattern, replacement, key)
-            if count:
-                break
-        converted[key] = value
-    return converted
+    blocks carry the official names and indices. Keys with no counterpart are kept under
+    their own name (without ``module.``), so that a strict load names them."""
+    from fss.models.official import convert_state_dict, strip_parallel_prefix
+
+    converted, unknown, _ = convert_state_dict("hdmnet", state)
+    stripped, _ = strip_parallel_prefix({key: state[key] for key in unknown})
+    return {**converted, **stripped}

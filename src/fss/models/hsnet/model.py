@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -11,11 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fss.models.backbones import FeatureBackbone, build_backbone
+from fss.models.folding import FoldedCache
 from fss.models.hsnet.correlation import hypercorrelation_pyramid, mask_features
 from fss.models.hsnet.learner import HypercorrelationLearner
+from fss.utils.errors import ConfigError
 
 MIN_SIZE = 32
 SIZE_MULTIPLE = 8
+TAPS = ("all", "shallow", "deep")
+# Accepted pyramid_levels (backbone levels, deepest always kept): the paper's C(1:3), its
+# C(2:3) (layer3 + layer4 for ResNets) and C(3) (layer4 only).
+PYRAMIDS = ((2, 3, 4), (3, 4), (4,))
 
 
 class HSNet(nn.Module):
@@ -28,6 +34,18 @@ class HSNet(nn.Module):
         use_support_mask: multiply support features by the support mask (the paper's model).
             ``False`` is the "no support masking" ablation (Tab. 1 †).
 
+    The paper's ablations (every default is the paper's model):
+        kernel: the 4D convolution, ``center_pivot``, ``dense`` (the original 4D conv) or
+            ``separable`` (Yang & Ramanan's); see ``fss.models.hsnet.conv4d_variants``.
+        taps: correlations per pyramid level: ``all`` tapped layers (hypercorrelation),
+            or a single one, ``shallow`` (the level's first tap, e.g. layer3.0) or ``deep``
+            (its last, e.g. layer3.22 of resnet101).
+        pyramid_levels: backbone levels correlated: ``(2, 3, 4)``; ``(3, 4)`` is the paper's
+            C(2:3) and ``(4,)`` its C(3) (the deepest levels only).
+        layers_per_block: 4D convs per squeezing / mixing block (paper: 3).
+        finetune_backbone: train the backbone too (paper Fig. 9), its BatchNorm statistics
+            still frozen, at the optimizer's lr x ``backbone_lr_scale`` (1e-3 x 0.01 = 1e-5).
+
     Shapes: ``query_img`` (B, 3, H, W), ``support_imgs`` (B, K, 3, H, W), ``support_masks``
     (B, K, H, W) in {0, 1}; H and W multiples of 8 and at least 32 (the paper uses 400×400).
     """
@@ -37,17 +55,33 @@ class HSNet(nn.Module):
         backbone: str | FeatureBackbone = "resnet50",
         weights: str | Path | None = None,
         use_support_mask: bool = True,
+        kernel: str = "center_pivot",
+        taps: str = "all",
+        pyramid_levels: Sequence[int] = (2, 3, 4),
+        layers_per_block: int = 3,
+        finetune_backbone: bool = False,
+        backbone_lr_scale: float = 0.01,
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights)
         self.backbone = backbone
         self.backbone.freeze()
+        self._folded_backbone = FoldedCache()  # not a submodule: no state-dict keys
+        self.finetune_backbone = bool(finetune_backbone)
+        self.backbone_lr_scale = float(backbone_lr_scale)
+        if self.finetune_backbone:
+            # Gradients, but the frozen flag keeps BatchNorm in eval mode (paper Fig. 9).
+            self.backbone.requires_grad_(True)
         self.use_support_mask = use_support_mask
-        counts = {level: backbone.tap_groups.count(level) for level in backbone.levels}
-        if sorted(counts) != [2, 3, 4]:
-            raise ValueError(f"HSNet needs taps at levels 2, 3 and 4, got {sorted(counts)}")
-        self.learner = HypercorrelationLearner([counts[4], counts[3], counts[2]])
+        if sorted(set(backbone.tap_groups)) != [2, 3, 4]:
+            raise ValueError(
+                f"HSNet needs taps at levels 2, 3 and 4, got {sorted(set(backbone.tap_groups))}"
+            )
+        self.tap_indices = select_taps(backbone.tap_groups, taps, pyramid_levels)
+        self.tap_groups = [backbone.tap_groups[i] for i in self.tap_indices]
+        counts = [self.tap_groups.count(level) for level in sorted(set(self.tap_groups), reverse=True)]
+        self.learner = HypercorrelationLearner(counts, kernel, layers_per_block)
 
     # ------------------------------------------------------------------ model contract
     def per_shot_logits(
@@ -62,17 +96,29 @@ class HSNet(nn.Module):
         support_imgs = support_imgs.flatten(0, 1)
         support_masks = support_masks.flatten(0, 1).to(support_imgs.dtype)
         # The backbone is frozen: no graph through it, which saves most of the memory.
-        with torch.no_grad():
-            query_features = self.backbone(query_img)
-            support_features = self.backbone(support_imgs)
+        with contextlib.nullcontext() if self.finetune_backbone else torch.no_grad():
+            query_features, support_features = self._encode(query_img, support_imgs)
             if self.use_support_mask:
                 support_features = mask_features(support_features, support_masks)
-            pyramid = hypercorrelation_pyramid(
-                query_features, support_features, self.backbone.tap_groups
-            )
+            pyramid = hypercorrelation_pyramid(query_features, support_features, self.tap_groups)
         logits = self.learner(pyramid)  # (B*K, 2, H/4, W/4)
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
         return logits.view(batch, shots, 2, height, width)
+
+    def _encode(self, query_img: Tensor, support_imgs: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Taps of the B queries and the B·K supports from ONE backbone pass over all images.
+
+        A frozen backbone runs as its BatchNorm-folded channels-last copy
+        (:mod:`fss.models.folding`): same maps up to float rounding, no BatchNorm passes.
+        """
+        images = torch.cat([query_img, support_imgs])
+        backbone = self.backbone
+        if not self.finetune_backbone:
+            backbone = self._folded_backbone.get(self.backbone)
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self._taps(backbone(images))
+        batch = query_img.shape[0]
+        return [f[:batch] for f in features], [f[batch:] for f in features]
 
     def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Tensor:
         """Segmentation logits (B, 2, H, W) of the query (channel 1 = foreground).
@@ -114,9 +160,22 @@ class HSNet(nn.Module):
         ce = F.cross_entropy(logits, target)
         return {"loss": ce, "logits": logits, "ce": ce}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The learner's parameters (the backbone is frozen)."""
-        return list(self.learner.parameters())
+    def _taps(self, features: list[Tensor]) -> list[Tensor]:
+        """The backbone taps this model correlates (all of them for the paper's model)."""
+        if len(self.tap_indices) == len(features):
+            return features
+        return [features[i] for i in self.tap_indices]
+
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
+        """The learner's parameters (the backbone is frozen); with ``finetune_backbone``,
+        two groups: the learner's, and the backbone's with ``lr_scale`` (see
+        ``fss.lightning.optim.parameter_groups``)."""
+        if not self.finetune_backbone:
+            return list(self.learner.parameters())
+        return [
+            {"params": list(self.learner.parameters())},
+            {"params": list(self.backbone.parameters()), "lr_scale": self.backbone_lr_scale},
+        ]
 
     def train(self, mode: bool = True) -> HSNet:
         super().train(mode)
@@ -124,57 +183,65 @@ class HSNet(nn.Module):
         return self
 
     # ------------------------------------------------------------------ checkpoints
-    def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load a checkpoint of the official code (juhongm999/hsnet) into this model.
+    @classmethod
+    def from_official_checkpoint(
+        cls, path: str | Path | Mapping, backbone: str | None = None, **kwargs
+    ) -> HSNet:
+        """An HSNet in eval mode with the weights of an official ``best_model.pt``
+        (juhongm999/hsnet: the DataParallel state dict, backbone included).
 
-        Accepts the raw DataParallel state dict (``module.hpn_learner.encoder_layer4...``) or
-        a dict holding it under ``state_dict``. The backbone keys in it are loaded too (they
-        are torchvision's); its classifier head is dropped.
+        The backbone is read from the file (``backbone``, if given, must agree); ``kwargs``
+        go to the constructor. Unknown, missing or mis-shaped keys raise a
+        :class:`~fss.models.official.CheckpointMismatchError` that names them.
         """
-        if isinstance(state_dict.get("state_dict"), Mapping):
-            state_dict = state_dict["state_dict"]
-        converted = convert_official_state_dict(state_dict)
-        own = self.state_dict()
-        if not any(key.startswith("backbone.") for key in converted):
-            converted.update({k: v for k, v in own.items() if k.startswith("backbone.")})
-        missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in converted if k not in own]
-        if missing or unexpected:
-            raise ValueError(
-                f"official checkpoint does not match HSNet({self.backbone.name}): "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-            )
-        self.load_state_dict(converted, strict=False)
+        from fss.models.official import hsnet_from_official
 
+        return hsnet_from_official(path, backbone=backbone, **kwargs)
 
-_OFFICIAL_BLOCKS = {
-    "encoder_layer4.": "squeeze_l4.",
-    "encoder_layer3.": "squeeze_l3.",
-    "encoder_layer2.": "squeeze_l2.",
-    "encoder_layer4to3.": "mix_l43.",
-    "encoder_layer3to2.": "mix_l32.",
-    "decoder1.": "decoder1.",
-    "decoder2.": "decoder2.",
-}
+    def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load the official HSNet state dict (``module.hpn_learner.encoder_layer4...``, or a
+        dict holding it under ``state_dict``) into this model, backbone included; every key
+        must match (see :mod:`fss.models.official`)."""
+        from fss.models.official import load_official_state_dict, unwrap_state_dict
+
+        load_official_state_dict(self, "hsnet", unwrap_state_dict(state_dict))
 
 
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename official HSNet keys to ours (``module.hpn_learner.encoder_layer4.0.conv1.weight``
-    -> ``learner.squeeze_l4.0.conv1.weight``); drops the backbone's classifier head."""
-    converted: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^module\.", "", key)
-        if key.startswith("hpn_learner."):
-            rest = key[len("hpn_learner.") :]
-            for official, ours in _OFFICIAL_BLOCKS.items():
-                if rest.startswith(official):
-                    key = "learner." + ours + rest[len(official) :]
-                    break
-        elif key.startswith(("backbone.fc.", "backbone.classifier.")):
-            continue
-        converted[key] = value
-    return converted
+    -> ``learner.squeeze_l4.0.conv1.weight``); drops the backbone's classifier head. Keys
+    with no counterpart are kept under their own name (without ``module.``), so that a
+    strict load names them."""
+    from fss.models.official import convert_state_dict, strip_parallel_prefix
+
+    converted, unknown, _ = convert_state_dict("hsnet", state_dict)
+    stripped, _ = strip_parallel_prefix({key: state_dict[key] for key in unknown})
+    return {**converted, **stripped}
+
+
+def select_taps(tap_groups: Sequence[int], taps: str, pyramid_levels: Sequence[int]) -> list[int]:
+    """Indices of the backbone taps correlated by an HSNet with these options.
+
+    Args:
+        tap_groups: pyramid level of each backbone tap, in depth order.
+        taps: ``all``, ``shallow`` (first tap of each level) or ``deep`` (last tap).
+        pyramid_levels: the levels kept, one of :data:`PYRAMIDS`.
+    """
+    if taps not in TAPS:
+        raise ConfigError(f"model.net.taps={taps!r} is not supported; accepted: {', '.join(TAPS)}")
+    levels = tuple(sorted(int(level) for level in pyramid_levels))
+    if levels not in PYRAMIDS:
+        accepted = " | ".join(str(list(p)) for p in PYRAMIDS)
+        raise ConfigError(f"model.net.pyramid_levels={list(pyramid_levels)} is not supported; "
+                          f"accepted: {accepted} (the paper's C(1:3), C(2:3), C(3))")
+    indices = []
+    for level in levels:
+        of_level = [i for i, group in enumerate(tap_groups) if group == level]
+        if taps == "all":
+            indices += of_level
+        else:
+            indices.append(of_level[0] if taps == "shallow" else of_level[-1])
+    return indices
 
 
 def vote(per_shot_logits: Tensor) -> Tensor:
