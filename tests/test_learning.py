@@ -30,6 +30,32 @@ def test_base_class_segmenter_learns_quickly():
     assert last < 0.6 * first, losses
 
 
+def test_segmenter_head_levels_choose_which_levels_are_supervised():
+    """head_levels=[3, 4]: the head never reads layer2, which learns only through layer3."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    full = PyramidSegmenter("resnet18", num_classes=4, head_channels=8)
+    deep = PyramidSegmenter("resnet18", num_classes=4, head_channels=8, head_levels=(4, 3))
+    assert deep.head_levels == (3, 4) and len(deep.laterals) == 2
+    assert [m[0].in_channels for m in deep.laterals] == [256, 512]
+    assert deep(images).shape == full(images).shape == (2, 4, 64, 64)
+    # Parameters: the full head has one more 1x1 lateral (128 -> 8, no bias) + its BN (2·8).
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(full) - count(deep) == 128 * 8 + 2 * 8
+    with pytest.raises(ValueError, match="head_levels"):
+        PyramidSegmenter("resnet18", num_classes=4, head_levels=(1, 4))
+
+
+def test_default_head_levels_keep_the_trunk_cache_key(compose_cfg, tmp_path):
+    from fss.pretrain import pretrain_key
+
+    default = pretrain_key(compose_cfg([], cache_dir=tmp_path))
+    explicit = pretrain_key(compose_cfg(["pretrain.head_levels=[4,3,2]"], cache_dir=tmp_path))
+    deep = pretrain_key(compose_cfg(["pretrain.head_levels=[3,4]"], cache_dir=tmp_path))
+    assert default == explicit != deep
+    assert default == pretrain_key(compose_cfg(["pretrain.head_levels=[2,3,4]"], cache_dir=tmp_path))
+
+
 def test_hsnet_learner_fits_a_batch():
     torch.manual_seed(0)
     source = SyntheticSource(image_size=64)

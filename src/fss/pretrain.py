@@ -25,6 +25,7 @@ from fss.models.segmenter import PyramidSegmenter
 from fss.utils.filelock import file_lock
 
 log = logging.getLogger(__name__)
+DEFAULT_HEAD_LEVELS = (2, 3, 4)
 
 
 def pretrain_key(cfg: DictConfig) -> str:
@@ -34,13 +35,20 @@ def pretrain_key(cfg: DictConfig) -> str:
     recipe = {
         "source": OmegaConf.to_container(cfg.data.source, resolve=True),
         "semantic": semantic,
-        "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True),
+        "pretrain": _pretrain_recipe(cfg),
         "backbone": cfg.backbone.name,
         # A fast_dev_run/limited trunk must never be reused by a real run.
         "limits": {k: cfg.trainer.get(k) for k in ("fast_dev_run", "limit_train_batches")},
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.name}-fold{cfg.fold}-{cfg.backbone.name}-{digest}"
+
+
+def _pretrain_recipe(cfg: DictConfig) -> dict:
+    recipe = OmegaConf.to_container(cfg.pretrain, resolve=True)
+    if sorted(recipe.get("head_levels", DEFAULT_HEAD_LEVELS)) == list(DEFAULT_HEAD_LEVELS):
+        recipe.pop("head_levels", None)  # trunks cached before the option existed stay valid
+    return recipe
 
 
 def pretrained_backbone_path(cfg: DictConfig) -> Path:
@@ -64,7 +72,8 @@ def _train_backbone(cfg: DictConfig, path: Path) -> None:
     datamodule = instantiate(cfg.data.semantic)
     num_classes = datamodule.num_labels
     net = PyramidSegmenter(cfg.backbone.name, num_classes, head_channels=cfg.pretrain.head_channels,
-                           init_weights=cfg.pretrain.init_weights)
+                           init_weights=cfg.pretrain.init_weights,
+                           head_levels=tuple(cfg.pretrain.get("head_levels", DEFAULT_HEAD_LEVELS)))
     module = SegmentationModule(
         net,
         num_classes=num_classes,

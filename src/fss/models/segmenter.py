@@ -34,6 +34,9 @@ class PyramidSegmenter(nn.Module):
         num_classes: output classes, background included (base classes + 1).
         head_channels: width of the head.
         init_weights: what the trunk starts from: ``none`` (random) or ``imagenet``.
+        head_levels: which pyramid levels (2 = stride 8, 3 = stride 16, 4 = stride 32) feed
+            the head. Levels left out are trained only through the deeper ones, as in an
+            ImageNet or PSPNet trunk, so their features stay generic rather than class-specific.
 
     ``backbone_state_dict()`` returns the trunk's weights in torchvision's own key
     layout, loadable with ``fss.models.build_backbone(name, weights=<file>)``.
@@ -45,6 +48,7 @@ class PyramidSegmenter(nn.Module):
         num_classes: int = 16,
         head_channels: int = 128,
         init_weights: str | None = None,
+        head_levels: tuple[int, ...] = (2, 3, 4),
     ):
         super().__init__()
         if init_weights not in (None, "none", "imagenet"):
@@ -63,9 +67,15 @@ class PyramidSegmenter(nn.Module):
                 f"unknown backbone {backbone!r} for base-class pretraining; accepted: "
                 f"{', '.join(RESNETS + VGGS)}"
             )
+        head_levels = tuple(sorted(int(level) for level in head_levels))
+        if not head_levels or any(level not in (2, 3, 4) for level in head_levels):
+            raise ValueError(f"head_levels={list(head_levels)}; accepted: a non-empty subset of [2, 3, 4]")
         self.backbone_name = backbone
         self.num_classes = num_classes
-        self.laterals = nn.ModuleList(_conv_bn_relu(c, head_channels, 1) for c in channels)
+        self.head_levels = head_levels
+        self.laterals = nn.ModuleList(
+            _conv_bn_relu(channels[level - 2], head_channels, 1) for level in head_levels
+        )
         self.fuse = _conv_bn_relu(head_channels, head_channels, 3)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
 
@@ -86,8 +96,9 @@ class PyramidSegmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> logits (B, num_classes, H, W)."""
-        levels = self.pyramid(images)
-        size = levels[0].shape[-2:]
+        pyramid = self.pyramid(images)
+        size = pyramid[0].shape[-2:]  # the head works at stride 8 whichever levels feed it
+        levels = [pyramid[level - 2] for level in self.head_levels]
         fused = sum(
             F.interpolate(lateral(x), size=size, mode="bilinear", align_corners=False)
             for lateral, x in zip(self.laterals, levels, strict=True)
