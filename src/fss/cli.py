@@ -57,6 +57,12 @@ def _single_log_stream() -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
         logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_advertisements)
+
+
+def _drop_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning advertises its cloud services at every fit; keep the run log to the run."""
+    return not str(record.msg).startswith("💡 Tip:")
 
 
 def _write_failure(cfg: DictConfig, error: BaseException) -> None:
