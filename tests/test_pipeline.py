@@ -85,6 +85,19 @@ def test_resume_from_last_checkpoint_and_test_only_mode(compose_cfg, shared_cach
     assert state["epoch"] == 1
 
 
+def test_last_checkpoint_is_the_latest_epoch_not_the_best(compose_cfg, shared_cache, tmp_path):
+    """lr=0 keeps val mIoU flat, so the best checkpoint stays at epoch 0; last.ckpt must
+    still follow training (Lightning's save_last=true alone would leave it at epoch 0)."""
+    run(compose_cfg([*SHORT, "trainer.max_epochs=3", "model.optimizer.lr=0.0",
+                     "model.scheduler=null"], cache_dir=shared_cache))
+    directory = tmp_path / "checkpoints"
+    last = torch.load(directory / "last.ckpt", map_location="cpu", weights_only=False)
+    (best_path,) = [p for p in directory.glob("*.ckpt") if p.name != "last.ckpt"]
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    assert (best["epoch"], last["epoch"]) == (0, 2)
+    assert last["global_step"] == 3 * best["global_step"] == 6
+
+
 def test_joblib_launcher_composes():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
