@@ -1,47 +1,61 @@
 """Inference benchmark: seconds per episode and peak memory, as a Markdown table.
 
     python benchmarks/bench_inference.py                       # HSNet, every backbone, 1/5-shot, 400²
-    python benchmarks/bench_inference.py --models hsnet --backbones resnet50 --shots 1 --size 400
-    python benchmarks/bench_inference.py --device cuda         # on a GPU (also reports CUDA peak memory)
+    python benchmarks/bench_inference.py --models hsnet --backbones resnet50 --shots 1 5
+    python benchmarks/bench_inference.py --models hsnet --backbones resnet50 --compare /tmp/official_hsnet
     python benchmarks/bench_inference.py --models hdmnet --backbones resnet50 --shots 1 5 --sizes 473 633
+    python benchmarks/bench_inference.py --reference            # also time the straightforward path
+    python benchmarks/bench_inference.py --device cuda --precision bf16   # on a GPU
+
+``--compare PATH`` times the official HSNet (a checkout of juhongm999/hsnet at PATH, kept
+outside this repository; see ``benchmarks/official.py``) in the same process, on the same
+inputs, alternating runs with ours, and reports the ratio. Our model is given the official
+model's (random) weights, so the table also shows the largest |Δ logit| between the two and
+the share of pixels where their predicted masks agree. ``--reference`` times this project's
+frozen straightforward implementation (``tests/reference_*.py``) the same way: the
+before/after of the speed work.
 
 HDMNet sizes: 473 (PASCAL-5i, the default) and 633 (COCO-20i); both satisfy PSPNet's
-(H - 1) % 8 == 0 rule. HDMNet is built with a random base learner (``weights=None``) and
-``shot`` = the benchmarked K (its 5-shot model carries the trained ``kshot_rw``).
+(H - 1) % 8 == 0 rule. HDMNet is built with a random base learner and ``shot`` = the
+benchmarked K. Masks (``--mask``): ``box`` (default, an object covering 25 % of the image),
+``full`` (nothing masked out: the mask-pruned products gain nothing) or ``random`` pixels.
 
 Random weights (no downloads): speed does not depend on the weight values. Each
-configuration runs in a fresh subprocess so its peak resident memory is its own.
-Not a test: numbers depend on the machine, which the table header names.
+configuration runs in a fresh subprocess so its peak resident memory is its own. Not a
+test: numbers depend on the machine, which the table header names.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import common  # noqa: E402
 
 
-def build(model: str, backbone: str, shot: int):
-    import torch  # noqa: F401
-
+def reference_predict(model: str):
+    """The frozen straightforward implementation's predict for ``model``."""
+    sys.path.insert(0, str(common.ROOT / "tests"))
     if model == "hsnet":
-        from fss.models import HSNet
+        import reference_hsnet
 
-        return HSNet(backbone=backbone, weights=None)
-    if model == "hdmnet":
-        from fss.models import HDMNet
+        from fss.models.hsnet.model import vote
 
-        return HDMNet(backbone=backbone, weights=None, shot=shot)
-    raise SystemExit(f"unknown model {model!r}; accepted: hsnet, hdmnet")
+        return lambda net, q, s, m: vote(reference_hsnet.per_shot_logits(net, q, s, m))
+    import reference_hdmnet
+
+    def predict(net, q, s, m):
+        with reference_hdmnet.reference_mode():
+            return net(q, s, m).argmax(dim=1)
+
+    return predict
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -50,48 +64,68 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    net = build(args.model, args.backbone, args.shot).to(device).eval()
-    generator = torch.Generator().manual_seed(0)
-    size = args.size
-    query = torch.randn(args.batch, 3, size, size, generator=generator).to(device)
-    supports = torch.randn(args.batch, args.shot, 3, size, size, generator=generator).to(device)
-    masks = (torch.rand(args.batch, args.shot, size, size, generator=generator) > 0.5).float().to(device)
+    net = common.build_model(args.model, args.backbone, args.shot, args.size).to(device).eval()
+    if args.compile:
+        common.compile_model(net)
+    query, supports, masks, _ = common.episode(args.batch, args.shot, args.size, args.mask,
+                                               device=args.device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+    functions = {}
+    outputs = {}
 
-    def episode():
-        with torch.inference_mode():
-            net.predict(query, supports, masks)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def ours():
+        with torch.inference_mode(), autocast:
+            outputs["ours"] = net.predict(query, supports, masks)
 
-    for _ in range(args.warmup):
-        episode()
+    functions["ours"] = ours
+    official = None
+    if args.compare:
+        if args.model != "hsnet":
+            raise SystemExit("--compare: only the official HSNet can be loaded (benchmarks/official.py)")
+        from official import OfficialHSNet
+
+        official = OfficialHSNet(args.compare, args.backbone, device)
+        net.load_official_state_dict(official.state_dict())
+
+        def theirs():
+            with torch.inference_mode(), autocast:
+                outputs["official"] = official.predict(query, supports, masks)
+
+        functions["official"] = theirs
+    if args.reference:
+        predict = reference_predict(args.model)
+
+        def straightforward():
+            with torch.inference_mode(), autocast:
+                outputs["reference"] = predict(net, query, supports, masks)
+
+        functions["reference"] = straightforward
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        episode()
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = common.time_alternating(functions, args.warmup, args.repeats, device)
     result = {
-        "model": args.model, "backbone": args.backbone, "shot": args.shot, "size": size,
-        "batch": args.batch, "device": args.device, "threads": args.threads,
-        "median_s": times[len(times) // 2] / args.batch, "min_s": times[0] / args.batch,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "model": args.model, "backbone": args.backbone, "shot": args.shot, "size": args.size,
+        "batch": args.batch, "device": args.device, "threads": args.threads, "mask": args.mask,
+        "precision": args.precision, "compile": args.compile,
+        "median_s": common.median(times["ours"]) / args.batch,
+        "min_s": min(times["ours"]) / args.batch,
+        "peak_rss_mib": common.peak_rss_mib(),
     }
+    for name in ("official", "reference"):
+        if name in times:
+            result[f"{name}_median_s"] = common.median(times[name]) / args.batch
+            result[f"{name}_mask_agreement"] = float(
+                (outputs[name].long() == outputs["ours"].long()).float().mean())
+    if official is not None:
+        with torch.inference_mode():
+            theirs = official.logits(query, supports[:, 0], masks[:, 0])
+            mine = net.per_shot_logits(query, supports[:, :1], masks[:, :1])[:, 0]
+        result["official_max_abs_logit_diff"] = float((theirs - mine).abs().max())
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
-
-
-def machine_line(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = platform.processor() or platform.machine()
-    return f"{name}; torch {torch.__version__}; {os.cpu_count()} logical CPUs"
 
 
 def main() -> None:
@@ -107,6 +141,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mask", default="box", choices=common.MASKS)
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"],
+                        help="bf16: autocast (on a GPU; on a CPU it is slower than fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trainable head")
+    parser.add_argument("--compare", type=Path, metavar="PATH",
+                        help="official HSNet checkout to time side by side")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the frozen straightforward implementation")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -119,18 +161,21 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    default_size = {"hsnet": [400], "hdmnet": [473]}
     rows = []
     for model in args.models:
         for backbone in args.backbones:
             for shot in args.shots:
-                for size in args.sizes or default_size.get(model, [400]):
+                for size in args.sizes or common.DEFAULT_SIZES.get(model, [400]):
                     command = [
                         sys.executable, __file__, "--single", "--model", model, "--backbone", backbone,
                         "--shot", str(shot), "--size", str(size), "--device", args.device,
                         "--threads", str(args.threads), "--batch", str(args.batch),
                         "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                        "--mask", args.mask, "--precision", args.precision,
                     ]
+                    command += ["--compile"] if args.compile else []
+                    command += ["--reference"] if args.reference else []
+                    command += ["--compare", str(args.compare)] if args.compare else []
                     done = subprocess.run(command, capture_output=True, text=True)
                     if done.returncode != 0:
                         tail = done.stderr.strip().splitlines()[-1:] or ["?"]
@@ -139,21 +184,37 @@ def main() -> None:
                     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                     print(f"# {model} {backbone} {shot}-shot {size}²: {rows[-1]['median_s']:.3f} s", file=sys.stderr)
 
-    print(f"\nMachine: {machine_line(args.device)}; {args.threads} threads; batch {args.batch}\n")
-    cuda = args.device.startswith("cuda")
-    header = "| model | backbone | shot | size | s / episode (median) | peak RSS (MiB) |"
-    if cuda:
-        header += " peak CUDA (MiB) |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for r in rows:
-        line = (f"| {r['model']} | {r['backbone']} | {r['shot']} | {r['size']}² | "
-                f"{r['median_s']:.3f} | {r['peak_rss_mib']:.0f} |")
-        if cuda:
-            line += f" {r['peak_cuda_mib']:.0f} |"
-        print(line)
+    print(f"\nMachine: {common.machine_line(args.device, args.threads)}; batch {args.batch}; "
+          f"mask {args.mask}; precision {args.precision}; compile {args.compile}; median of "
+          f"{args.repeats} alternating runs\n")
+    print(table(rows, args))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    headers = ["model", "backbone", "shot", "size", "ours s / episode"]
+    if args.reference:
+        headers += ["straightforward s / episode", "speed-up"]
+    if args.compare:
+        headers += ["official s / episode", "ours / official", "max abs Δlogit", "mask agreement"]
+    headers += ["peak RSS (MiB)"]
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        headers += ["peak CUDA (MiB)"]
+    lines = []
+    for r in rows:
+        line = [r["model"], r["backbone"], str(r["shot"]), f"{r['size']}²", f"{r['median_s']:.3f}"]
+        if args.reference:
+            line += [f"{r['reference_median_s']:.3f}", f"{r['reference_median_s'] / r['median_s']:.2f}×"]
+        if args.compare:
+            line += [f"{r['official_median_s']:.3f}", f"{r['median_s'] / r['official_median_s']:.2f}",
+                     f"{r['official_max_abs_logit_diff']:.1e}", f"{100 * r['official_mask_agreement']:.2f} %"]
+        line += [f"{r['peak_rss_mib']:.0f}"]
+        if cuda:
+            line += [f"{r['peak_cuda_mib']:.0f}"]
+        lines.append(line)
+    return common.markdown_table(headers, lines)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fss.models import HSNet
+from fss.models.backbones import FeatureBackbone
 from fss.models.hsnet import CenterPivotConv4d, convert_official_state_dict, vote
 from fss.models.hsnet.learner import resize_query_dims
 
@@ -162,9 +163,13 @@ def test_vgg_size_with_unequal_support_grids_still_runs() -> None:
 def test_query_encoded_once_and_supports_in_one_batch() -> None:
     model = _shared_model("resnet18")
     batch_sizes: list[int] = []
-    handle = model.backbone.register_forward_pre_hook(
-        lambda module, args: batch_sizes.append(args[0].shape[0])
-    )
+
+    def record(module, args):
+        # Any FeatureBackbone: the frozen model runs its BatchNorm-folded copy.
+        if isinstance(module, FeatureBackbone):
+            batch_sizes.append(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
     try:
         query, supports, masks = _episode(2, 3)
         with torch.no_grad():
@@ -172,7 +177,8 @@ def test_query_encoded_once_and_supports_in_one_batch() -> None:
             model.predict(query, supports, masks)
     finally:
         handle.remove()
-    assert batch_sizes == [2, 6, 2, 6]
+    # One backbone pass per call over the 2 queries and the 2·3 supports together.
+    assert batch_sizes == [8, 8]
 
 
 def test_k_shot_equals_the_one_shot_model_per_support() -> None:

@@ -60,6 +60,52 @@ def cross_attention_weights(
     return attention, correlation.mean(dim=1)
 
 
+def pruned_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    support_mask: torch.Tensor,
+    mode: str = "cosine",
+    temperature: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cross_attention_weights(...)[0] @ v`` and the correlation, computed over the
+    foreground support tokens only.
+
+    q (B, heads, Lq, d), k and v (B, heads, Lk, d), support_mask (B, Lk) ≥ 0 → output
+    (B, heads, Lq, d), correlation (B, Lq).
+
+    Exact, because a zero-mask support token contributes nothing in either mode: in
+    ``cosine`` the softmax runs over the query axis, one column per support token, and the
+    background columns are then multiplied by 0; in ``dot`` they are excluded from the
+    softmax; in both the correlation averages over the foreground only. Dropping those
+    columns before the products saves their (Lq x Lk) scores, which dominate at stage 0
+    (60² x K·60² at 473²). One loop step per sample (the foreground count differs).
+    """
+    outputs, correlations = [], []
+    for sample in range(q.shape[0]):
+        weights = support_mask[sample].to(q.dtype)
+        kept = weights.nonzero().squeeze(1)
+        query = q[sample]
+        if kept.numel() == 0:  # no foreground token: zero output, zero correlation
+            outputs.append(torch.zeros_like(query))
+            correlations.append(query.new_zeros(query.shape[1]))
+            continue
+        key, value, weights = k[sample][:, kept], v[sample][:, kept], weights[kept]
+        if mode == "cosine":
+            scores = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).transpose(-2, -1)
+            scores = scores / temperature
+            attention = scores.softmax(dim=-2) * weights
+        elif mode == "dot":
+            scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
+            attention = scores.softmax(dim=-1)
+        else:
+            raise ValueError(f"unknown cross-attention mode {mode!r}; accepted: cosine, dot")
+        outputs.append(attention @ value)
+        correlation = (scores * weights).sum(-1) / (weights.sum() + 1e-9)  # (heads, Lq)
+        correlations.append(correlation.mean(dim=0))
+    return torch.stack(outputs), torch.stack(correlations)
+
+
 class MultiHeadAttention(nn.Module):
     """Q/K/V/O projections (no bias) and the three score rules of HDMNet.
 
@@ -112,15 +158,24 @@ class MultiHeadAttention(nn.Module):
         v = self._split_heads(self.linear_v(key_value))
         correlation = None
         if self.mode == "self":
-            scores = q @ k.transpose(-2, -1) / (math.sqrt(q.shape[-1]) + 1e-9)
-            attention = scores.softmax(dim=-1)
+            # Fused attention (no (Lq x Lk) matrix kept); the official scale 1/(√d + 1e-9).
+            out = F.scaled_dot_product_attention(
+                q, k, v, scale=1.0 / (math.sqrt(q.shape[-1]) + 1e-9)
+            )
+        elif support_mask is None:
+            raise ValueError(f"attention mode {self.mode!r} needs the support mask")
+        elif q.device.type == "cpu":
+            out, correlation = pruned_cross_attention(
+                q, k, v, support_mask, self.mode, self.temperature
+            )
         else:
-            if support_mask is None:
-                raise ValueError(f"attention mode {self.mode!r} needs the support mask")
+            # On an accelerator the per-sample foreground gather would sync with the host:
+            # the dense masked form runs as a few large kernels instead.
             attention, correlation = cross_attention_weights(
                 q, k, support_mask, self.mode, self.temperature
             )
-        out = (attention @ v).transpose(1, 2).flatten(2)
+            out = attention @ v
+        out = out.transpose(1, 2).flatten(2)
         return self.linear_o(out), correlation
 
 

@@ -9,6 +9,9 @@ from torch import Tensor
 # Added to the L2 norm before dividing, as the official code, so all-zero (masked-out)
 # support vectors give a zero correlation instead of NaN.
 NORM_EPS = 1e-5
+# Below this fraction of the support positions, only the box holding the non-zero ones is
+# multiplied.
+_PRUNE_BELOW = 0.9
 
 
 def mask_features(features: list[Tensor], masks: Tensor) -> list[Tensor]:
@@ -42,24 +45,120 @@ def hypercorrelation_pyramid(
         tap_groups: pyramid level of each tap.
     Returns:
         one tensor per level, DEEPEST first: (B*K, n_level, ha, wa, hb, wb), channels in
-        depth order within the level.
+        depth order within the level. On a CPU without autograd the tensors are stored
+        support-last (memory order B*K, ha, wa, n_level, hb, wb), the layout the learner's
+        first 4D conv reads without a copy; otherwise they are contiguous.
     """
     if not (len(query_features) == len(support_features) == len(tap_groups)):
         raise ValueError("query taps, support taps and tap_groups must have the same length")
     batch = query_features[0].shape[0]
     shots = support_features[0].shape[0] // batch
-    per_level: dict[int, list[Tensor]] = {}
-    for query, support, level in zip(query_features, support_features, tap_groups, strict=True):
-        _, channels, ha, wa = query.shape
+    levels: dict[int, list[int]] = {}
+    for index, level in enumerate(tap_groups):
+        levels.setdefault(level, []).append(index)
+    needs_grad = torch.is_grad_enabled() and any(
+        f.requires_grad for f in (*query_features, *support_features)
+    )
+    # The in-place path issues one small GEMM per (layer, shot) and reads the pruned column
+    # count on the host: right for a CPU, not for an accelerator (one launch and one sync
+    # each), where the plain batched ops are used.
+    on_cpu = query_features[0].device.type == "cpu"
+    build = _level_in_place if on_cpu and not needs_grad else _level_plain
+    return [
+        build([query_features[i] for i in levels[level]],
+              [support_features[i] for i in levels[level]], batch, shots)
+        for level in sorted(levels, reverse=True)
+    ]
+
+
+def _normalised(features: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, C, h, w) -> unit vectors along C (N, C, h·w) and the norms (N, 1, h·w).
+
+    Channels-last maps stay channels-last (a view, no copy): the GEMMs take either layout.
+    """
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        n, channels = features.shape[:2]
+        flat = features.permute(0, 2, 3, 1).reshape(n, -1, channels).transpose(1, 2)
+    else:
+        flat = features.flatten(2)
+    norms = flat.norm(dim=1, keepdim=True)
+    return flat / (norms + NORM_EPS), norms
+
+
+def _level_in_place(
+    query_taps: list[Tensor], support_taps: list[Tensor], batch: int, shots: int
+) -> Tensor:
+    """One level without autograd: every (layer, shot) product is one GEMM written into
+    its slot of the support-last output and clamped there.
+
+    Support positions whose feature vector is exactly zero (masked out: the mask is 0
+    there) have a correlation of exactly 0. When they are many, only the bounding box of
+    the non-zero positions is multiplied and the rest of the output stays 0: for an object
+    covering a quarter of the support image, a quarter of the FLOPs.
+    """
+    ha, wa = query_taps[0].shape[-2:]
+    hb, wb = support_taps[0].shape[-2:]
+    layers = len(query_taps)
+    pairs = batch * shots
+    normalised = [(_normalised(q)[0].transpose(1, 2), *_normalised(s))
+                  for q, s in zip(query_taps, support_taps, strict=True)]
+    boxes = [[_nonzero_box(norms[pair, 0].view(hb, wb)) for pair in range(pairs)]
+             for _, _, norms in normalised]
+    full = (0, hb, 0, wb)
+    boxes = [[box if _area(box) < _PRUNE_BELOW * hb * wb else full for box in layer_boxes]
+             for layer_boxes in boxes]
+    pruned = any(box != full for layer_boxes in boxes for box in layer_boxes)
+    out = (query_taps[0].new_zeros if pruned else query_taps[0].new_empty)(
+        pairs, ha * wa, layers, hb * wb)
+    for slot, (query, support, _) in enumerate(normalised):
+        # query (B, ha·wa, C), support (B·K, C, hb·wb)
+        for pair in range(pairs):
+            top, bottom, left, right = boxes[slot][pair]
+            if top == bottom:
+                continue  # an all-zero support: all correlations 0
+            target = out[pair, :, slot]  # (ha·wa, hb·wb), rows layers·hb·wb apart
+            if (left, right) == (0, wb):  # whole rows: a contiguous span, GEMM in place
+                span = target[:, top * wb : bottom * wb]
+                torch.mm(query[pair // shots], support[pair][:, top * wb : bottom * wb],
+                         out=span)
+                span.clamp_(min=0)  # only what was written: the zeros are already >= 0
+                continue
+            box = support[pair].view(-1, hb, wb)[:, top:bottom, left:right].flatten(1)
+            product = (query[pair // shots] @ box).clamp_(min=0)
+            target.view(-1, hb, wb)[:, top:bottom, left:right] = product.view(
+                -1, bottom - top, right - left)
+    return out.view(pairs, ha, wa, layers, hb, wb).permute(0, 3, 1, 2, 4, 5)
+
+
+def _nonzero_box(norms: Tensor) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) bounding the non-zero entries of a 2D map, ends
+    exclusive; (0, 0, 0, 0) if there are none."""
+    rows = norms.amax(dim=1).nonzero()
+    if rows.numel() == 0:
+        return 0, 0, 0, 0
+    columns = norms.amax(dim=0).nonzero()
+    return int(rows[0, 0]), int(rows[-1, 0]) + 1, int(columns[0, 0]), int(columns[-1, 0]) + 1
+
+
+def _area(box: tuple[int, int, int, int]) -> int:
+    top, bottom, left, right = box
+    return (bottom - top) * (right - left)
+
+
+def _level_plain(
+    query_taps: list[Tensor], support_taps: list[Tensor], batch: int, shots: int
+) -> Tensor:
+    """One level with plain batched ops (autograd, e.g. a fine-tuned backbone, or an
+    accelerator): one matmul per layer, contiguous output."""
+    correlations = []
+    for query, support in zip(query_taps, support_taps, strict=True):
+        ha, wa = query.shape[-2:]
         hb, wb = support.shape[-2:]
-        query = query.flatten(2)
-        query = query / (query.norm(dim=1, keepdim=True) + NORM_EPS)
-        support = support.flatten(2)
-        support = support / (support.norm(dim=1, keepdim=True) + NORM_EPS)
+        query, _ = _normalised(query)
+        support, _ = _normalised(support)
         # (B, 1, ha*wa, C) @ (B, K, C, hb*wb) -> (B, K, ha*wa, hb*wb)
         corr = torch.matmul(
-            query.transpose(1, 2).unsqueeze(1), support.view(batch, shots, channels, -1)
+            query.transpose(1, 2).unsqueeze(1), support.view(batch, shots, *support.shape[1:])
         )
-        corr = corr.clamp(min=0).view(batch * shots, ha, wa, hb, wb)
-        per_level.setdefault(level, []).append(corr)
-    return [torch.stack(per_level[level], dim=1) for level in sorted(per_level, reverse=True)]
+        correlations.append(corr.clamp(min=0).view(batch * shots, ha, wa, hb, wb))
+    return torch.stack(correlations, dim=1)

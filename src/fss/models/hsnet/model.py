@@ -249,7 +249,9 @@ def vote(per_shot_logits: Tensor) -> Tensor:
 
     For K = 1 this is the plain argmax.
     """
-    votes = per_shot_logits.argmax(dim=2).sum(dim=1)  # (B, H, W), 0..K
+    # argmax over the 2 classes (ties -> background, as argmax's first index); the
+    # comparison is ~300x faster than argmax over this strided size-2 dim on a CPU.
+    votes = (per_shot_logits[:, :, 1] > per_shot_logits[:, :, 0]).sum(dim=1)  # (B, H, W), 0..K
     if per_shot_logits.shape[1] == 1:
         return votes
     max_vote = votes.flatten(1).max(dim=1).values.clamp(min=1).view(-1, 1, 1)

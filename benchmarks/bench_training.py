@@ -1,0 +1,177 @@
+"""Training benchmark: seconds per optimizer step, episodes / s and peak memory (Markdown).
+
+    python benchmarks/bench_training.py --models hsnet --backbones resnet50 --batch 1
+    python benchmarks/bench_training.py --models hdmnet --backbones resnet50 --sizes 473 --reference
+    python benchmarks/bench_training.py --device cuda --precision bf16 --batch 5    # HSNet per-GPU batch
+    python benchmarks/bench_training.py --device cuda --precision bf16 --models hdmnet --batch 4
+
+One step = ``training_loss`` forward, backward and the optimizer step (Adam for HSNet,
+AdamW for HDMNet, every trainable parameter), in ``train()`` mode (dropout on, frozen
+backbones and BatchNorms in eval, as the models define). The paper's per-GPU batches:
+HSNet 5 (20 on 4 GPUs), HDMNet 4 (PASCAL) / 6 (COCO). ``--precision bf16`` runs the
+forward under bf16 autocast (Lightning's ``bf16-mixed``). ``--reference`` also times the
+frozen straightforward forward (``tests/reference_*.py``) with the same backward and step.
+Peak memory: resident set of the process (CPU) and ``max_memory_allocated`` (CUDA). Each
+configuration runs in its own subprocess. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import common  # noqa: E402
+
+
+def reference_loss(model: str):
+    """The training loss computed by the frozen straightforward implementation."""
+    sys.path.insert(0, str(common.ROOT / "tests"))
+    import torch.nn.functional as F
+
+    if model == "hsnet":
+        import reference_hsnet
+
+        def loss(net, q, s, m, target):
+            logits = reference_hsnet.per_shot_logits(net, q, s, m).mean(dim=1)
+            return F.cross_entropy(logits, (target == 1).long())
+
+        return loss
+    import reference_hdmnet
+
+    def hdmnet_loss(net, q, s, m, target):
+        with reference_hdmnet.reference_mode():
+            return net.training_loss(q, s, m, target)["loss"]
+
+    return hdmnet_loss
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    net = common.build_model(args.model, args.backbone, args.shot, args.size).to(device).train()
+    if args.compile:
+        common.compile_model(net)
+    parameters = [p for p in net.parameters() if p.requires_grad]
+    optimizer = (torch.optim.Adam(parameters, lr=1e-3) if args.model == "hsnet"
+                 else torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.01))
+    query, supports, masks, query_mask = common.episode(args.batch, args.shot, args.size,
+                                                        args.mask, device=args.device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+
+    def step(loss_function):
+        def run():
+            with autocast:
+                loss = loss_function()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    functions = {"ours": step(lambda: net.training_loss(query, supports, masks, query_mask)["loss"])}
+    if args.reference:
+        loss = reference_loss(args.model)
+        functions["reference"] = step(lambda: loss(net, query, supports, masks, query_mask))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = common.time_alternating(functions, args.warmup, args.repeats, device)
+    result = {
+        "model": args.model, "backbone": args.backbone, "shot": args.shot, "size": args.size,
+        "batch": args.batch, "device": args.device, "threads": args.threads,
+        "precision": args.precision, "compile": args.compile,
+        "step_s": common.median(times["ours"]),
+        "episodes_per_s": args.batch / common.median(times["ours"]),
+        "peak_rss_mib": common.peak_rss_mib(),
+    }
+    if "reference" in times:
+        result["reference_step_s"] = common.median(times["reference"])
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["hsnet", "hdmnet"])
+    parser.add_argument("--backbones", nargs="+", default=["resnet50"])
+    parser.add_argument("--shots", nargs="+", type=int, default=[1])
+    parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                        help="default: 400 for HSNet, 473 for HDMNet")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mask", default="box", choices=common.MASKS)
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trainable parts")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the frozen straightforward implementation")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--shot", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.single:
+        print(json.dumps(measure(args)))
+        return
+
+    rows = []
+    for model in args.models:
+        for backbone in args.backbones:
+            for shot in args.shots:
+                for size in args.sizes or common.DEFAULT_SIZES.get(model, [400]):
+                    command = [
+                        sys.executable, __file__, "--single", "--model", model, "--backbone", backbone,
+                        "--shot", str(shot), "--size", str(size), "--device", args.device,
+                        "--threads", str(args.threads), "--batch", str(args.batch),
+                        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                        "--mask", args.mask, "--precision", args.precision,
+                    ]
+                    command += ["--compile"] if args.compile else []
+                    command += ["--reference"] if args.reference else []
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        tail = done.stderr.strip().splitlines()[-1:] or ["?"]
+                        print(f"# {model} {backbone} {shot}-shot {size}: failed: {tail[0]}", file=sys.stderr)
+                        continue
+                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(f"# {model} {backbone} {shot}-shot {size}²: {rows[-1]['step_s']:.3f} s / step",
+                          file=sys.stderr)
+
+    print(f"\nMachine: {common.machine_line(args.device, args.threads)}; batch {args.batch}; "
+          f"mask {args.mask}; precision {args.precision}; compile {args.compile}; median of "
+          f"{args.repeats} alternating steps\n")
+    headers = ["model", "backbone", "shot", "size", "batch", "s / step", "episodes / s"]
+    if args.reference:
+        headers += ["straightforward s / step", "speed-up"]
+    headers += ["peak RSS (MiB)"] + (["peak CUDA (MiB)"] if args.device.startswith("cuda") else [])
+    lines = []
+    for r in rows:
+        line = [r["model"], r["backbone"], str(r["shot"]), f"{r['size']}²", str(r["batch"]),
+                f"{r['step_s']:.3f}", f"{r['episodes_per_s']:.2f}"]
+        if args.reference:
+            line += [f"{r['reference_step_s']:.3f}", f"{r['reference_step_s'] / r['step_s']:.2f}×"]
+        line += [f"{r['peak_rss_mib']:.0f}"]
+        if "peak_cuda_mib" in r:
+            line += [f"{r['peak_cuda_mib']:.0f}"]
+        lines.append(line)
+    print(common.markdown_table(headers, lines))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Shared pieces of the benchmarks: episodes, timing, the machine line, Markdown tables.
+
+Not a library of the package: plain helpers for the scripts in this folder, importable
+because each script puts this folder and ``src/`` on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MASKS = ("box", "full", "random")
+DEFAULT_SIZES = {"hsnet": [400], "hdmnet": [473]}
+
+
+def episode(batch: int, shots: int, size: int, mask: str = "box", seed: int = 0,
+            device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random images and masks of one batch of episodes, the same for every implementation.
+
+    ``mask``: ``box`` = the centre half of each side foreground (25 % of the image, an
+    object-like mask), ``full`` = all foreground (nothing to prune: the worst case for the
+    mask-pruned products), ``random`` = independent pixels (p = 0.5).
+    Returns query (B,3,S,S), supports (B,K,3,S,S), support masks (B,K,S,S) float {0,1},
+    query mask (B,S,S) int64 {0,1}.
+    """
+    if mask not in MASKS:
+        raise SystemExit(f"unknown mask {mask!r}; accepted: {', '.join(MASKS)}")
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 3, size, size, generator=generator)
+    supports = torch.randn(batch, shots, 3, size, size, generator=generator)
+    if mask == "random":
+        masks = (torch.rand(batch, shots, size, size, generator=generator) > 0.5).float()
+    elif mask == "full":
+        masks = torch.ones(batch, shots, size, size)
+    else:
+        masks = torch.zeros(batch, shots, size, size)
+        masks[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    query_mask = torch.zeros(batch, size, size, dtype=torch.long)
+    query_mask[:, size // 3 : 2 * size // 3, size // 4 : 3 * size // 4] = 1
+    return (query.to(device), supports.to(device), masks.to(device), query_mask.to(device))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(functions: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, run in turn (a, b, a, b, ...) so that a change in
+    machine load hits all of them alike; ``warmup`` rounds are not recorded."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_index in range(warmup + repeats):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine_line(device: str, threads: int) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = _cpu_model() or platform.processor() or platform.machine()
+    return (f"{name}; {os.cpu_count()} logical CPUs, {threads} threads; torch {torch.__version__}")
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_model(model: str, backbone: str, shot: int, size: int):
+    """Our model with random weights (speed does not depend on the values)."""
+    if model == "hsnet":
+        from fss.models import HSNet
+
+        return HSNet(backbone=backbone, weights=None)
+    if model == "hdmnet":
+        from fss.models import HDMNet
+        from fss.models.pspnet import check_input_size
+
+        strict = True
+        try:
+            check_input_size(size, size, strict=True)
+        except ValueError:
+            strict = False  # tiny smoke-test sizes
+        return HDMNet(backbone=backbone, weights=None, shot=shot, strict_size=strict)
+    raise SystemExit(f"unknown model {model!r}; accepted: hsnet, hdmnet")
+
+
+def compile_model(net, mode: str | None = None):
+    """``torch.compile`` (in place) every trainable child, as ``model.compile: true`` does."""
+    from fss.lightning.few_shot_module import compile_trainable_children
+
+    compile_trainable_children(net, mode=mode)
+    return net

@@ -1,0 +1,322 @@
+"""Every fast path equals the frozen straightforward implementation (tests/reference_*.py).
+
+fp32 bound of the issue: max |Δ logit| <= 1e-4; the pieces are held to float rounding
+(~1e-6 relative). bf16 autocast (the GPU training precision) is checked on the CPU at a
+loose tolerance, and ``torch.compile`` of the trainable parts in a slow test.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fss.lightning.few_shot_module import compile_trainable_children
+from fss.models import HDMNet, HSNet
+from fss.models.folding import FoldedCache, fold_batchnorms
+from fss.models.hdmnet.attention import (
+    MultiHeadAttention,
+    cross_attention_weights,
+    pruned_cross_attention,
+)
+from fss.models.hdmnet.priors import max_cosine_prior
+from fss.models.hsnet.conv4d import (
+    CenterPivotConv4d,
+    GroupNorm6d,
+    channels_last_6d,
+    is_channels_last_6d,
+)
+from fss.models.hsnet.correlation import hypercorrelation_pyramid
+from tests import reference_hdmnet, reference_hsnet
+
+LOGIT_TOLERANCE = 1e-4
+
+
+def _support_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1, 4, 5).contiguous().permute(0, 3, 1, 2, 4, 5)
+
+
+def _box_masks(batch: int, shots: int, size: int) -> torch.Tensor:
+    masks = torch.zeros(batch, shots, size, size)
+    masks[..., size // 4 : size // 2, size // 5 : 3 * size // 4] = 1
+    return masks
+
+
+@functools.lru_cache
+def _hsnet(name: str) -> HSNet:
+    torch.manual_seed(0)
+    return HSNet(name).eval()
+
+
+# ------------------------------------------------------------------------ HSNet pieces
+@pytest.mark.parametrize("layout", ["contiguous", "support_last", "channels_last"])
+@pytest.mark.parametrize(("kernel", "stride", "size"),
+                         [(5, 4, (6, 5, 13, 11)), (3, 2, (5, 6, 7, 6)), (3, 1, (6, 5, 2, 2))])
+def test_center_pivot_conv_matches_reference(layout, kernel, stride, size) -> None:
+    torch.manual_seed(stride)
+    module = CenterPivotConv4d(4, 8, kernel, stride)
+    x = torch.randn(2, 4, *size)
+    laid_out = {"contiguous": x, "support_last": _support_last(x),
+                "channels_last": channels_last_6d(x)}[layout]
+    laid_out = laid_out.detach().requires_grad_(True)
+    reference_input = x.detach().requires_grad_(True)
+
+    out = module(laid_out)
+    expected = reference_hsnet.conv4d(module, reference_input)
+    assert is_channels_last_6d(out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    grad = torch.randn_like(expected)
+    weight_grads = torch.autograd.grad(out, [laid_out, *module.parameters()], grad)
+    reference_grads = torch.autograd.grad(expected, [reference_input, *module.parameters()], grad)
+    for got, want in zip(weight_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_center_pivot_conv_without_autograd_matches_too() -> None:
+    torch.manual_seed(1)
+    module = CenterPivotConv4d(4, 16, 5, 4)
+    x = torch.randn(1, 4, 9, 8, 13, 13)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(_support_last(x)), reference_hsnet.conv4d(module, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_groupnorm6d_matches_groupnorm(channels_last) -> None:
+    torch.manual_seed(2)
+    norm = GroupNorm6d(4, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(2, 16, 5, 4, 3, 3) * 3 + 2).requires_grad_(True)
+    laid_out = channels_last_6d(x) if channels_last else x
+    out = norm(laid_out)
+    expected = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    assert is_channels_last_6d(out) == channels_last
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, [x, norm.weight, norm.bias], grad)
+    want = torch.autograd.grad(expected, [x, norm.weight, norm.bias], grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask", ["box", "rows", "full", "empty_shot"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hypercorrelation_pyramid_matches_reference(mask, channels_last) -> None:
+    torch.manual_seed(3)
+    batch, shots = 2, 3
+    shapes = [(8, 12, 12), (8, 12, 12), (16, 6, 6), (16, 6, 6), (16, 6, 6), (32, 3, 3)]
+    groups = [2, 2, 3, 3, 3, 4]
+    query = [torch.randn(batch, *shape) for shape in shapes]
+    support = [torch.randn(batch * shots, *shape) for shape in shapes]
+    masks = torch.ones(batch * shots, 48, 48)
+    if mask in ("box", "empty_shot"):
+        masks = _box_masks(batch * shots, 1, 48)[:, 0]
+    if mask == "rows":  # whole rows: the in-place span of the pruned GEMM
+        masks = torch.zeros(batch * shots, 48, 48)
+        masks[:, 8:30] = 1
+    if mask == "empty_shot":
+        masks[1] = 0
+    support = reference_hsnet.mask_features(support, masks)
+    if channels_last:
+        query = [q.contiguous(memory_format=torch.channels_last) for q in query]
+        support = [s.contiguous(memory_format=torch.channels_last) for s in support]
+    pruned = sum(int((s.flatten(2).norm(dim=1) == 0).sum()) for s in support)
+    assert (pruned > 0) == (mask != "full")  # the pruned GEMMs are exercised
+
+    with torch.no_grad():
+        fast = hypercorrelation_pyramid(query, support, groups)
+        expected = reference_hsnet.hypercorrelation_pyramid(query, support, groups)
+    assert [tuple(f.shape) for f in fast] == [tuple(e.shape) for e in expected]
+    for got, want in zip(fast, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # With autograd (fine-tuned backbone) the differentiable path gives the same values.
+    leaves = [s.detach().requires_grad_(True) for s in support]
+    differentiable = hypercorrelation_pyramid(query, leaves, groups)
+    for got, want in zip(differentiable, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "size", "shots"), [("resnet18", 96, 3), ("resnet50", 128, 1)])
+def test_hsnet_logits_match_reference(name, size, shots) -> None:
+    model = _hsnet(name)
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, size, size, generator=generator)
+    supports = torch.randn(2, shots, 3, size, size, generator=generator)
+    masks = _box_masks(2, shots, size)
+    masks[1, 0] = 0  # a support with an empty mask
+    with torch.inference_mode():
+        fast = model.per_shot_logits(query, supports, masks)
+        expected = reference_hsnet.per_shot_logits(model, query, supports, masks)
+    error = (fast - expected).abs().max().item()
+    assert error <= LOGIT_TOLERANCE
+    assert error <= 1e-4 * expected.abs().max().item()  # relative, too: logits are small here
+
+
+def test_hsnet_training_gradients_match_reference() -> None:
+    model = _hsnet("resnet18")
+    model.train()
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 3, 64, 64, generator=generator)
+    supports = torch.randn(2, 2, 3, 64, 64, generator=generator)
+    masks = _box_masks(2, 2, 64)
+    target = torch.zeros(2, 64, 64, dtype=torch.long)
+    target[:, 20:40, 10:50] = 1
+    try:
+        loss = model.training_loss(query, supports, masks, target)["loss"]
+        fast = torch.autograd.grad(loss, model.trainable_parameters())
+        logits = reference_hsnet.per_shot_logits(model, query, supports, masks).mean(dim=1)
+        reference_loss = F.cross_entropy(logits, target)
+        expected = torch.autograd.grad(reference_loss, model.trainable_parameters())
+    finally:
+        model.eval()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(fast, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- folding
+def test_folded_backbone_matches_and_follows_new_weights() -> None:
+    torch.manual_seed(6)
+    model = HSNet("resnet18").eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(2, 3, 64, 64)
+    folded = fold_batchnorms(model.backbone)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        for got, want in zip(folded(images), model.backbone(images), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    cache = FoldedCache()
+    first = cache.get(model.backbone)
+    assert cache.get(model.backbone) is first  # cached while the weights are unchanged
+    state = {k: v + 0.1 if v.is_floating_point() else v
+             for k, v in model.backbone.state_dict().items()}
+    model.backbone.load_state_dict(state)
+    second = cache.get(model.backbone)
+    assert second is not first  # new weights: rebuilt, never stale
+    with torch.no_grad():
+        torch.testing.assert_close(second(images)[-1], model.backbone(images)[-1],
+                                   rtol=1e-4, atol=1e-4)
+    assert "_folded_backbone" not in "".join(model.state_dict())
+
+
+# ------------------------------------------------------------------------ HDMNet pieces
+@pytest.mark.parametrize("mode", ["cosine", "dot"])
+def test_pruned_cross_attention_matches_dense(mode) -> None:
+    torch.manual_seed(7)
+    q, k, v = torch.randn(3, 2, 20, 8), torch.randn(3, 2, 30, 8), torch.randn(3, 2, 30, 8)
+    mask = (torch.rand(3, 30) > 0.6).float()
+    mask[1] = 0  # no foreground token at all
+    mask[2] = 1
+    attention, correlation = reference_hdmnet.cross_attention_weights(q, k, mask, mode)
+    out, fast_correlation = pruned_cross_attention(q, k, v, mask, mode)
+    torch.testing.assert_close(out, attention @ v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_correlation, correlation, rtol=1e-5, atol=1e-6)
+    # The public dense function is still the reference's.
+    dense, dense_correlation = cross_attention_weights(q, k, mask, mode)
+    torch.testing.assert_close(dense, attention)
+    torch.testing.assert_close(dense_correlation, correlation)
+
+
+def test_self_attention_via_sdpa_matches_reference() -> None:
+    torch.manual_seed(8)
+    layer = MultiHeadAttention(16, 2, mode="self")
+    tokens, keys = torch.randn(2, 25, 16), torch.randn(2, 9, 16)
+    out, _ = layer(tokens, keys)
+    expected, _ = reference_hdmnet.multi_head_attention_forward(layer, tokens, keys)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["box", "full", "empty_shot"])
+def test_max_cosine_prior_matches_reference(mask) -> None:
+    torch.manual_seed(9)
+    query = torch.randn(2, 8, 6, 7)
+    supports = torch.randn(2, 3, 8, 6, 7)
+    masks = torch.ones(2, 3, 1, 41, 49) if mask == "full" else _box_masks(2, 3, 41)
+    if mask != "full":
+        masks = F.interpolate(masks, size=(41, 49)).unsqueeze(2)
+    if mask == "empty_shot":
+        masks[0, 1] = 0
+    expected = reference_hdmnet.max_cosine_prior(query, supports, masks)
+    torch.testing.assert_close(max_cosine_prior(query, supports, masks), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shots", "matching", "mask_mode"),
+                         [(1, "cosine", "image"), (2, "cosine", "image"), (2, "dot", "feature")])
+def test_hdmnet_matches_reference(shots, matching, mask_mode) -> None:
+    torch.manual_seed(10)
+    model = HDMNet("resnet_small", shot=shots, strict_size=False, matching=matching,
+                   support_mask_mode=mask_mode).eval()
+    size = 65
+    generator = torch.Generator().manual_seed(11)
+    query = torch.randn(2, 3, size, size, generator=generator)
+    supports = torch.randn(2, shots, 3, size, size, generator=generator)
+    masks = _box_masks(2, shots, size)
+    masks[1, 0] = 0
+    target = torch.zeros(2, size, size, dtype=torch.long)
+    target[:, 10:40, 20:50] = 1
+    with torch.no_grad():
+        fast = model(query, supports, masks)
+        with reference_hdmnet.reference_mode():
+            expected = model(query, supports, masks)
+    assert (fast - expected).abs().max().item() <= LOGIT_TOLERANCE
+
+    model.train()
+    torch.manual_seed(12)
+    loss = model.training_loss(query, supports, masks, target)["loss"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast_grads = torch.autograd.grad(loss, params)
+    torch.manual_seed(12)  # the same dropout masks
+    with reference_hdmnet.reference_mode():
+        reference_loss = model.training_loss(query, supports, masks, target)["loss"]
+    reference_grads = torch.autograd.grad(reference_loss, params)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------ precision, compile
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    """The GPU's bf16-mixed path, run on the CPU: same predictions up to bf16 rounding."""
+    model = _hsnet("resnet18")
+    generator = torch.Generator().manual_seed(13)
+    query = torch.randn(1, 3, 64, 64, generator=generator)
+    supports = torch.randn(1, 2, 3, 64, 64, generator=generator)
+    masks = _box_masks(1, 2, 64)
+    with torch.inference_mode():
+        fp32 = model.per_shot_logits(query, supports, masks)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.per_shot_logits(query, supports, masks)
+    assert bf16.dtype in (torch.bfloat16, torch.float32)
+    error = (bf16.float() - fp32).abs().max().item()
+    assert error <= 0.05 * fp32.abs().max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_trainable_parts_match_eager() -> None:
+    torch.manual_seed(14)
+    model = HSNet("resnet18").eval()
+    generator = torch.Generator().manual_seed(15)
+    query = torch.randn(1, 3, 64, 64, generator=generator)
+    supports = torch.randn(1, 2, 3, 64, 64, generator=generator)
+    masks = _box_masks(1, 2, 64)
+    with torch.inference_mode():
+        eager = model.per_shot_logits(query, supports, masks)
+    assert compile_trainable_children(model) == ["learner"]
+    with torch.inference_mode():
+        compiled = model.per_shot_logits(query, supports, masks)
+    assert (compiled - eager).abs().max().item() <= LOGIT_TOLERANCE
