@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -117,39 +116,14 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="also time the frozen straightforward implementation")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--backbone", help=argparse.SUPPRESS)
-    parser.add_argument("--shot", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    common.add_worker_arguments(parser)
     args = parser.parse_args()
 
     if args.single:
         print(json.dumps(measure(args)))
         return
 
-    rows = []
-    for model in args.models:
-        for backbone in args.backbones:
-            for shot in args.shots:
-                for size in args.sizes or common.DEFAULT_SIZES.get(model, [400]):
-                    command = [
-                        sys.executable, __file__, "--single", "--model", model, "--backbone", backbone,
-                        "--shot", str(shot), "--size", str(size), "--device", args.device,
-                        "--threads", str(args.threads), "--batch", str(args.batch),
-                        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                        "--mask", args.mask, "--precision", args.precision,
-                    ]
-                    command += ["--compile"] if args.compile else []
-                    command += ["--reference"] if args.reference else []
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    if done.returncode != 0:
-                        tail = done.stderr.strip().splitlines()[-1:] or ["?"]
-                        print(f"# {model} {backbone} {shot}-shot {size}: failed: {tail[0]}", file=sys.stderr)
-                        continue
-                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                    print(f"# {model} {backbone} {shot}-shot {size}²: {rows[-1]['step_s']:.3f} s / step",
-                          file=sys.stderr)
+    rows = common.run_configurations(__file__, args, [], "step_s", "s / step")
 
     print(f"\nMachine: {common.machine_line(args.device, args.threads)}; batch {args.batch}; "
           f"mask {args.mask}; precision {args.precision}; compile {args.compile}; median of "

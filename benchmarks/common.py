@@ -127,3 +127,47 @@ def compile_model(net, mode: str | None = None):
 
     compile_trainable_children(net, mode=mode)
     return net
+
+
+def add_worker_arguments(parser) -> None:
+    """The hidden flags of one configuration's worker process (see run_configurations)."""
+    import argparse
+
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--shot", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+
+
+def run_configurations(script: str, args, extra: list[str], seconds_key: str,
+                       unit: str) -> list[dict]:
+    """Runs ``script --single`` once per (model, backbone, shot, size) in a fresh process, so
+    each configuration's peak resident memory is its own; returns the rows they print."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for model in args.models:
+        for backbone in args.backbones:
+            for shot in args.shots:
+                for size in args.sizes or DEFAULT_SIZES.get(model, [400]):
+                    command = [
+                        sys.executable, script, "--single", "--model", model, "--backbone", backbone,
+                        "--shot", str(shot), "--size", str(size), "--device", args.device,
+                        "--threads", str(args.threads), "--batch", str(args.batch),
+                        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                        "--mask", args.mask, "--precision", args.precision,
+                    ]
+                    command += ["--compile"] if args.compile else []
+                    command += ["--reference"] if args.reference else []
+                    done = subprocess.run(command + extra, capture_output=True, text=True)
+                    name = f"# {model} {backbone} {shot}-shot {size}"
+                    if done.returncode != 0:
+                        tail = done.stderr.strip().splitlines()[-1:] or ["?"]
+                        print(f"{name}: failed: {tail[0]}", file=sys.stderr)
+                        continue
+                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(f"{name}²: {rows[-1][seconds_key]:.3f} {unit}", file=sys.stderr)
+    return rows
