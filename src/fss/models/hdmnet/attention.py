@@ -31,6 +31,16 @@ def map_to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.flatten(2).transpose(1, 2)
 
 
+def cross_attention_scores(q: torch.Tensor, k: torch.Tensor, mode: str,
+                           temperature: float) -> torch.Tensor:
+    """Matching scores (..., Lq, Lk): ``cosine`` cos(q, k)/τ, ``dot`` q·k/√d."""
+    if mode == "cosine":
+        return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) / temperature
+    if mode == "dot":
+        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    raise ValueError(f"unknown cross-attention mode {mode!r}; accepted: cosine, dot")
+
+
 def cross_attention_weights(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,14 +58,11 @@ def cross_attention_weights(
     ``dot``: scores = q·k/√d, softmax over the foreground keys (dim −1).
     C' is the mean score over the foreground keys, averaged over heads."""
     columns = support_mask[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lk)
+    scores = cross_attention_scores(q, k, mode, temperature)
     if mode == "cosine":
-        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) / temperature
         attention = scores.softmax(dim=-2) * columns
-    elif mode == "dot":
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        attention = scores.masked_fill(columns == 0, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     else:
-        raise ValueError(f"unknown cross-attention mode {mode!r}; accepted: cosine, dot")
+        attention = scores.masked_fill(columns == 0, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     correlation = (scores * columns).sum(-1) / (columns.sum(-1) + 1e-9)  # (B, heads, Lq)
     return attention, correlation.mean(dim=1)
 
@@ -91,15 +98,11 @@ def pruned_cross_attention(
             correlations.append(query.new_zeros(query.shape[1]))
             continue
         key, value, weights = k[sample][:, kept], v[sample][:, kept], weights[kept]
+        scores = cross_attention_scores(query, key, mode, temperature)
         if mode == "cosine":
-            scores = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).transpose(-2, -1)
-            scores = scores / temperature
             attention = scores.softmax(dim=-2) * weights
-        elif mode == "dot":
-            scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
-            attention = scores.softmax(dim=-1)
         else:
-            raise ValueError(f"unknown cross-attention mode {mode!r}; accepted: cosine, dot")
+            attention = scores.softmax(dim=-1)
         outputs.append(attention @ value)
         correlation = (scores * weights).sum(-1) / (weights.sum() + 1e-9)  # (heads, Lq)
         correlations.append(correlation.mean(dim=0))
