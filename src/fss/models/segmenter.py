@@ -78,6 +78,10 @@ class PyramidSegmenter(nn.Module):
         )
         self.fuse = _conv_bn_relu(head_channels, head_channels, 3)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
+        # Channels-last weights and activations: oneDNN's native layout on CPU (and the
+        # tensor-core layout on GPU). Measured on 2 CPU cores, resnet18 at 128², batch 16:
+        # 0.41 -> 0.34 s per training step. Same model; the state dict is saved contiguous.
+        self.to(memory_format=torch.channels_last)
 
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,H,W) -> [stride 8, stride 16, stride 32] feature maps (post-ReLU)."""
@@ -96,7 +100,7 @@ class PyramidSegmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> logits (B, num_classes, H, W)."""
-        pyramid = self.pyramid(images)
+        pyramid = self.pyramid(images.contiguous(memory_format=torch.channels_last))
         size = pyramid[0].shape[-2:]  # the head works at stride 8 whichever levels feed it
         levels = [pyramid[level - 2] for level in self.head_levels]
         fused = sum(
@@ -107,4 +111,7 @@ class PyramidSegmenter(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.body.state_dict().items()}
+        return {
+            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in self.body.state_dict().items()
+        }
