@@ -350,17 +350,22 @@ class SceneGenerator:
             # colour jitter"). "class": the palette is part of the class identity.
             palette = spec.palette if self.colour == "class" else int(rng.integers(len(PALETTES)))
             colours = self._jitter_palette(rng, palette)
-            weight = _texture(spec.texture, u, v, rng)[..., None]
+            # Colours are computed for the object's own pixels only (elementwise, so the
+            # scene is the same as computing the whole box and masking after).
+            u, v = u[mask], v[mask]
+            weight = _texture(spec.texture, u, v, rng)[:, None]
             pixels = colours[0] * (1.0 - weight) + colours[1] * weight
-            pixels *= self._shading(rng, u, v)[..., None]
+            pixels *= self._shading(rng, u, v)[:, None]
             (y0, y1), (x0, x1) = box
-            region = image[y0:y1, x0:x1]
-            region[mask] = pixels[mask]
+            image[y0:y1, x0:x1][mask] = pixels
             label[y0:y1, x0:x1][mask] = class_id + 1
 
         image = _blur(image)
-        image += rng.standard_normal(image.shape, dtype=np.float32) * config.noise_std
-        image = np.clip(image, 0.0, 255.0).round().astype(np.uint8)
+        noise = rng.standard_normal(image.shape, dtype=np.float32)
+        noise *= config.noise_std
+        image += noise
+        np.clip(image, 0.0, 255.0, out=image)
+        image = np.rint(image, out=image).astype(np.uint8)
 
         _mark_boundaries(label)
         present = set(np.unique(label).tolist())
@@ -477,22 +482,32 @@ class SceneGenerator:
             colours = colours[rng.permutation(2)]
         else:
             colours = rng.uniform(20.0, 235.0, size=(2, 3)).astype(np.float32)
+        u, v = u[mask], v[mask]  # the blob's own pixels only, as for objects
         if rng.random() < config.clutter_texture_prob:
-            weight = _texture(int(rng.integers(len(TEXTURES))), u, v, rng)[..., None]
+            weight = _texture(int(rng.integers(len(TEXTURES))), u, v, rng)[:, None]
             pixels = colours[0] * (1.0 - weight) + colours[1] * weight
         else:
             pixels = np.broadcast_to(colours[0], u.shape + (3,))
-        pixels = pixels * self._shading(rng, u, v)[..., None]
+        pixels = pixels * self._shading(rng, u, v)[:, None]
         (y0, y1), (x0, x1) = box
-        image[y0:y1, x0:x1][mask] = pixels[mask]
+        image[y0:y1, x0:x1][mask] = pixels
 
 
 def _blur(image: np.ndarray) -> np.ndarray:
     """3x3 binomial blur (softens the hard rendered edges), edge-padded."""
-    padded = np.pad(image, ((1, 1), (0, 0), (0, 0)), mode="edge")
-    image = (padded[:-2] + 2.0 * padded[1:-1] + padded[2:]) * np.float32(0.25)
-    padded = np.pad(image, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    return (padded[:, :-2] + 2.0 * padded[:, 1:-1] + padded[:, 2:]) * np.float32(0.25)
+    return _binomial_pass(_binomial_pass(image, 0), 1)
+
+
+def _binomial_pass(image: np.ndarray, axis: int) -> np.ndarray:
+    """(previous + 2 * centre + next) / 4 along ``axis``, the edge value repeated outside."""
+    image = np.moveaxis(image, axis, 0)
+    out = np.multiply(image, np.float32(2.0))
+    out[1:] += image[:-1]
+    out[0] += image[0]
+    out[:-1] += image[1:]
+    out[-1] += image[-1]
+    out *= np.float32(0.25)
+    return np.moveaxis(out, 0, axis)
 
 
 def _mark_boundaries(label: np.ndarray) -> None:
