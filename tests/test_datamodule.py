@@ -17,6 +17,7 @@ from fss.data import (
     SyntheticSource,
     folds,
 )
+from fss.data.datamodule import EpochSampler
 from fss.data.transforms import IGNORE_INDEX
 
 SIZE = 48
@@ -112,15 +113,29 @@ def test_episodes_independent_of_batch_size(source):
 
 
 def test_episodes_identical_across_devices(source):
-    """What a DistributedSampler hands each rank is the same episodes, split by index."""
-    dataset = make_module(source).train_dataset(epoch=0)
+    """What the training sampler hands each rank is the same episodes, split by index."""
+    module = make_module(source)
+    dataset = module.train_dataset(epoch=3)
     whole = collect(DataLoader(dataset, batch_size=2))
     for rank in range(2):
-        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-        part = collect(DataLoader(dataset, batch_size=2, sampler=sampler))
+        sampler = EpochSampler(module.train_dataset(), rank=rank, world_size=2, epoch=3)
+        part = collect(DataLoader(module.train_dataset(), batch_size=2, sampler=sampler))
         indices = part["episode_index"]
         for key in whole:
             assert torch.equal(part[key], whole[key][indices]), key
+
+
+@pytest.mark.parametrize("count, world", [(10, 3), (6, 2), (5, 4), (3, 1)])
+def test_training_shards_are_those_of_distributed_sampler(count, world):
+    """Same indices per rank as DistributedSampler(shuffle=False), padding included (DDP
+    ranks must take equal step counts), each with the sampler's epoch."""
+    dataset = list(range(count))
+    for rank in range(world):
+        sampler = EpochSampler(dataset, rank=rank, world_size=world, epoch=2)
+        expected = list(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False))
+        assert list(sampler) == [(2, i) for i in expected] and len(sampler) == len(expected)
+        sampler.set_epoch(5)
+        assert list(sampler) == [(5, i) for i in expected]
 
 
 def test_train_episodes_change_every_epoch_val_and_test_do_not(source):
@@ -152,26 +167,32 @@ def test_base_classes_at_train_novel_classes_at_val_and_test(source, fold):
 
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`")
-def test_training_loop_redraws_episodes_each_epoch(source):
+@pytest.mark.filterwarnings("ignore:The 'train_dataloader' does not have many workers")
+def test_training_loop_redraws_episodes_each_epoch_with_persistent_workers(source):
+    """The loader is built once and its worker lives across epochs, yet every epoch gets
+    exactly the episodes of ``train_dataset(epoch)``."""
+
     class Recorder(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.zeros(()))
-            self.seen: list[tuple[int, float]] = []
+            self.seen: dict[int, list[torch.Tensor]] = {}
 
         def training_step(self, batch, batch_idx):
-            self.seen.append((self.current_epoch, batch["query_img"].sum().item()))
+            self.seen.setdefault(self.current_epoch, []).append(batch["query_img"])
             return (batch["query_img"].mean() * self.weight) ** 2
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    module = make_module(source, train_episodes=2)
+    module = make_module(source, train_episodes=4, num_workers=1, persistent_workers=True)
+    built = []
+    original = module.train_dataloader
+    module.train_dataloader = lambda: built.append(1) or original()
     recorder = Recorder()
     trainer = L.Trainer(
-        max_epochs=2,
+        max_epochs=3,
         accelerator="cpu",
-        reload_dataloaders_every_n_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -179,8 +200,12 @@ def test_training_loop_redraws_episodes_each_epoch(source):
         limit_val_batches=0,
     )
     trainer.fit(recorder, datamodule=module)
-    sums = {epoch: value for epoch, value in recorder.seen}
-    assert sorted(sums) == [0, 1] and sums[0] != sums[1]
+    assert sorted(recorder.seen) == [0, 1, 2]
+    for epoch, batches in recorder.seen.items():
+        expected = collect(DataLoader(module.train_dataset(epoch=epoch), batch_size=2))
+        assert torch.equal(torch.cat(batches), expected["query_img"]), epoch
+    assert not torch.equal(torch.cat(recorder.seen[0]), torch.cat(recorder.seen[1]))
+    assert len(built) <= 2  # once (plus Lightning's step estimate), not once per epoch
 
 
 def test_semantic_datamodule(source):

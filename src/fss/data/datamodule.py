@@ -3,7 +3,10 @@
 Seeds (all episodes and images are pure functions of ``(seed, epoch, index)``):
 
 - training episodes / images: ``seed``, with the trainer's current epoch (new ones every
-  epoch; the trainer must set ``reload_dataloaders_every_n_epochs: 1``);
+  epoch). The training loader is built once: its :class:`EpochSampler` yields
+  ``(epoch, index)`` keys and Lightning calls its ``set_epoch`` at the start of every
+  epoch, so workers can stay alive between epochs (``persistent_workers``) and still
+  produce the new epoch's items;
 - validation: ``val_seed`` (default ``seed + 1``), epoch 0, the same every epoch;
 - test: ``test_seed`` (default ``seed + 2``), epoch 0. Pin ``test_seed`` to compare
   runs of different training seeds on identical test episodes.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fss.data import folds
 from fss.data.episodes import (
@@ -39,6 +42,33 @@ class EvalShardSampler(Sampler[int]):
 
     def __iter__(self):
         return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Training keys ``(epoch, index)`` of rank ``rank`` of ``world_size``, in index order.
+
+    Rank r gets indices r, r + W, r + 2W, ... of the list padded by wrapping around to a
+    multiple of W (every rank must take the same number of steps under DDP), exactly the
+    indices of ``DistributedSampler(shuffle=False)``. ``set_epoch`` (called by Lightning at
+    the start of every training epoch, resumed runs included) changes the epoch of the keys;
+    the datasets accept ``(epoch, index)`` keys (:class:`~fss.data.episodes.EpisodicDataset`).
+    """
+
+    def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1, epoch: int = 0):
+        count = len(dataset)
+        per_rank = -(-count // world_size)
+        self.indices = [i % count for i in range(rank, per_rank * world_size, world_size)]
+        self.epoch = check_non_negative("epoch", epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = check_non_negative("epoch", epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(epoch, index) for index in self.indices])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -74,7 +104,7 @@ class _SourceDataModule(L.LightningDataModule):
         self.fold = folds.check_fold(fold, source.num_folds)
         self.num_workers = check_non_negative("num_workers", num_workers)
         self.pin_memory = bool(pin_memory)
-        # Persistent workers need workers; a new loader is built every epoch anyway.
+        # Persistent workers need workers.
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
 
     @property
@@ -95,15 +125,12 @@ class _SourceDataModule(L.LightningDataModule):
         trainer = self.trainer
         return 0 if trainer is None else int(trainer.current_epoch)
 
-    def _loader(
-        self, dataset: Dataset, batch_size: int, drop_last: bool = False, evaluation: bool = False
-    ) -> DataLoader:
-        sampler = None
-        shard = _distributed()
-        if shard is not None:
-            rank, world = shard
-            sampler = (EvalShardSampler(dataset, rank, world) if evaluation else
-                       DistributedSampler(dataset, world, rank, shuffle=False))
+    def _loader(self, dataset: Dataset, batch_size: int, evaluation: bool = False) -> DataLoader:
+        rank, world = _distributed() or (0, 1)
+        if evaluation:
+            sampler = EvalShardSampler(dataset, rank, world) if world > 1 else None
+        else:
+            sampler = EpochSampler(dataset, rank, world, epoch=self.training_epoch())
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -112,7 +139,6 @@ class _SourceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            drop_last=drop_last,
             collate_fn=collate_episodes,
         )
 
@@ -154,7 +180,7 @@ class FewShotDataModule(_SourceDataModule):
         val_seed: int | None = None,
         test_seed: int | None = None,
         pin_memory: bool = False,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
     ):
         super().__init__(source, fold, num_workers, pin_memory, persistent_workers)
         self.shot = check_positive("shot", shot)
@@ -195,7 +221,7 @@ class FewShotDataModule(_SourceDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(self.training_epoch()), self.batch_size)
+        return self._loader(self.train_dataset(), self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset(), self.test_batch_size, evaluation=True)
@@ -234,7 +260,7 @@ class SemanticDataModule(_SourceDataModule):
         seed: int = 0,
         val_seed: int | None = None,
         pin_memory: bool = False,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
     ):
         super().__init__(source, fold, num_workers, pin_memory, persistent_workers)
         self.batch_size = check_positive("batch_size", batch_size)
@@ -267,7 +293,7 @@ class SemanticDataModule(_SourceDataModule):
         return self.source.semantic("val", self.fold, self.num_val_images, self.val_seed)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(self.training_epoch()), self.batch_size)
+        return self._loader(self.train_dataset(), self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset(), self.val_batch_size, evaluation=True)

@@ -114,6 +114,17 @@ def collate_episodes(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torc
     return batch
 
 
+def _follow_epoch(dataset: EpisodicDataset | SemanticDataset, key: int | tuple[int, int]) -> int:
+    """The index of ``key``; a key ``(epoch, index)`` first moves ``dataset`` to that epoch
+    (``set_epoch``, so epoch-level state such as a shuffled order follows)."""
+    if isinstance(key, tuple):
+        epoch, index = key
+        if int(epoch) != dataset.epoch:
+            dataset.set_epoch(int(epoch))
+        return int(index)
+    return int(key)
+
+
 class EpisodicDataset(Dataset, ABC):
     """``num_episodes`` K-shot episodes; episode ``i`` is a pure function of ``(seed, epoch, i)``.
 
@@ -123,7 +134,9 @@ class EpisodicDataset(Dataset, ABC):
     ``class_id`` () int64, ``episode_index`` () int64.
 
     Subclasses implement :meth:`sample_episode`; the epoch lets training episodes change
-    every epoch (a new dataset per epoch, or :meth:`set_epoch`).
+    every epoch: a key ``(epoch, i)`` (what :class:`~fss.data.datamodule.EpochSampler`
+    yields) gives episode ``i`` of that epoch, a plain ``i`` episode ``i`` of
+    ``self.epoch`` (the constructor's, or :meth:`set_epoch`).
     """
 
     def __init__(self, shot: int, num_episodes: int, seed: int, epoch: int = 0):
@@ -145,8 +158,8 @@ class EpisodicDataset(Dataset, ABC):
         Must return ``self.shot`` supports, none of them the query.
         """
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index = _follow_epoch(self, key)
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode index {index} out of range 0..{self.num_episodes - 1}")
         episode = self.sample_episode(item_rng(self.seed, self.epoch, index), index)
@@ -220,8 +233,9 @@ class SemanticDataset(Dataset, ABC):
         """Image ``index``: (H, W, 3) uint8 RGB and its (H, W) uint8 dataset label map
         (0 background, ``c + 1`` for class ``c``, 255 ignore), using only ``rng``."""
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Image ``key`` of ``self.epoch``, or ``key = (epoch, index)`` (see EpisodicDataset)."""
+        index = _follow_epoch(self, key)
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} out of range 0..{self.num_images - 1}")
         image, label = self.sample(item_rng(self.seed, self.epoch, index), index)
