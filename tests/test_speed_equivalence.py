@@ -288,13 +288,19 @@ def test_hdmnet_matches_reference(shots, matching, mask_mode) -> None:
 
 
 # ------------------------------------------------------------------ precision, compile
-def test_bf16_autocast_stays_close_to_fp32() -> None:
-    """The GPU's bf16-mixed path, run on the CPU: same predictions up to bf16 rounding."""
+@pytest.mark.parametrize("mask", ["box", "scattered"])
+def test_bf16_autocast_stays_close_to_fp32(mask: str) -> None:
+    """bf16-mixed (`trainer.precision=bf16-mixed`, on a GPU or on this CPU): same predictions
+    up to bf16 rounding. A scattered mask takes the CPU's in-place whole-row GEMMs, whose
+    `out=` autocast does not cover: before the dtype fix it raised a dtype mismatch."""
     model = _hsnet("resnet18")
     generator = torch.Generator().manual_seed(13)
     query = torch.randn(1, 3, 64, 64, generator=generator)
     supports = torch.randn(1, 2, 3, 64, 64, generator=generator)
-    masks = _box_masks(1, 2, 64)
+    if mask == "box":
+        masks = _box_masks(1, 2, 64)
+    else:
+        masks = (torch.rand(1, 2, 64, 64, generator=generator) > 0.5).float()
     with torch.inference_mode():
         fp32 = model.per_shot_logits(query, supports, masks)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -302,6 +308,53 @@ def test_bf16_autocast_stays_close_to_fp32() -> None:
     assert bf16.dtype in (torch.bfloat16, torch.float32)
     error = (bf16.float() - fp32).abs().max().item()
     assert error <= 0.05 * fp32.abs().max().item()
+
+
+@pytest.mark.parametrize(("support_size", "stride"), [(1, 2), (2, 4), (3, 4), (4, 2)])
+def test_center_pivot_conv_bf16_weight_gradients_when_stride_exceeds_the_map(
+    support_size: int, stride: int
+) -> None:
+    """PyTorch's CPU bf16 conv gives NaN/inf or wrong weight gradients in most calls when
+    the stride exceeds the input (the deepest support level, strided to 1x1): the 4D conv
+    must not hand it such a call. Compared with fp32 on the same bf16-rounded values."""
+    torch.manual_seed(0)
+    conv = CenterPivotConv4d(4, 8, 3, support_stride=stride)
+    for _ in range(8):
+        x = torch.randn(2, 4, 3, 3, support_size, support_size)
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        grad_out = torch.randn(out.shape)
+        (out.float() * grad_out).sum().backward()
+        bf16_grads = [p.grad.clone() for p in conv.parameters()]
+        reference = CenterPivotConv4d(4, 8, 3, support_stride=stride)
+        with torch.no_grad():
+            for mine, theirs in zip(reference.parameters(), conv.parameters(), strict=True):
+                mine.copy_(theirs.bfloat16().float())
+        (reference(x.bfloat16().float()) * grad_out).sum().backward()
+        for got, want in zip(bf16_grads, (p.grad for p in reference.parameters()), strict=True):
+            assert torch.isfinite(got).all()
+            assert (got - want).abs().max() <= 0.05 * want.abs().max() + 1e-3
+
+
+def test_bf16_autocast_training_steps_give_finite_learner_gradients() -> None:
+    """HSNet trained under bf16-mixed on the CPU (64² input: the deepest support level
+    is strided down to 1x1): finite, non-zero learner gradients at every step."""
+    torch.manual_seed(0)
+    model = HSNet("resnet18").train()
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 3, 64, 64, generator=generator)
+    supports = torch.randn(2, 1, 3, 64, 64, generator=generator)
+    masks = (torch.rand(2, 1, 64, 64, generator=generator) > 0.5).float()
+    target = (torch.rand(2, 64, 64, generator=generator) > 0.5).long()
+    for _ in range(6):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.training_loss(query, supports, masks, target)["loss"]
+        loss.backward()
+        grads = [p.grad for p in model.learner.parameters()]
+        assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+        assert sum(g.abs().sum().item() for g in grads) > 0
 
 
 @pytest.mark.slow

@@ -40,6 +40,20 @@ def channels_last_6d(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 4, 5, 1).contiguous().permute(0, 5, 1, 2, 3, 4)
 
 
+def _conv2d(maps: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) -> Tensor:
+    """``F.conv2d`` with an odd kernel and padding ``k // 2``.
+
+    Where the stride exceeds the map (the deepest level once the support side is strided
+    down to 1x1 or 2x2), the convolution has one output along that dimension, the same as
+    with stride = map size, which is used instead. PyTorch's CPU bf16 convolution
+    (torch 2.14 / oneDNN) returns NaN, inf or wrong weight gradients in 20-100 % of calls
+    when the stride exceeds the input; fp32 is unaffected (tests/test_speed_equivalence.py).
+    """
+    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    strides = tuple(min(s, size) for s, size in zip(strides, maps.shape[-2:], strict=True))
+    return F.conv2d(maps, weight, bias, strides, padding)
+
+
 class CenterPivotConv4d(nn.Module):
     """Center-pivot 4D convolution on (N, C, Ha, Wa, Hb, Wb) tensors.
 
@@ -98,7 +112,7 @@ class CenterPivotConv4d(nn.Module):
         weight = conv.weight
         if is_channels_last_6d(x):
             weight = weight.contiguous(memory_format=torch.channels_last)
-        out = F.conv2d(maps, weight, conv.bias, conv.stride, conv.padding)
+        out = _conv2d(maps, weight, conv.bias, conv.stride, conv.padding)
         hb_out, wb_out = out.shape[-2:]
         if is_channels_last_6d(x):
             out = out.permute(0, 2, 3, 1).reshape(n, ha, wa, hb_out, wb_out, -1)
@@ -118,7 +132,7 @@ class CenterPivotConv4d(nn.Module):
         # One gather copy into a channels-last batch of (Ha, Wa) maps.
         maps = pivots.permute(0, 4, 5, 2, 3, 1).contiguous()
         maps = maps.view(n * hb_out * wb_out, ha, wa, channels).permute(0, 3, 1, 2)
-        out = F.conv2d(
+        out = _conv2d(
             maps,
             self.conv1.weight.contiguous(memory_format=torch.channels_last),
             self.conv1.bias,

@@ -27,7 +27,7 @@ def mask_features(features: list[Tensor], masks: Tensor) -> list[Tensor]:
     masked = []
     for feature in features:
         resized = F.interpolate(masks, size=feature.shape[-2:], mode="bilinear", align_corners=True)
-        masked.append(feature * resized)
+        masked.append(feature * resized.to(feature.dtype))  # bf16 maps stay bf16 under autocast
     return masked
 
 
@@ -62,7 +62,19 @@ def hypercorrelation_pyramid(
     # The in-place path issues one small GEMM per (layer, shot) and reads the pruned column
     # count on the host: right for a CPU, not for an accelerator (one launch and one sync
     # each), where the plain batched ops are used.
-    on_cpu = query_features[0].device.type == "cpu"
+    device_type = query_features[0].device.type
+    # One dtype for every product (the in-place GEMMs write into one output and autocast
+    # does not cover `out=`): autocast's when it is on (bf16-mixed training or inference),
+    # else the common type of the taps.
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = query_features[0].dtype
+        for feature in (*query_features, *support_features):
+            dtype = torch.promote_types(dtype, feature.dtype)
+    query_features = [f.to(dtype) for f in query_features]
+    support_features = [f.to(dtype) for f in support_features]
+    on_cpu = device_type == "cpu"
     build = _level_in_place if on_cpu and not needs_grad else _level_plain
     return [
         build([query_features[i] for i in levels[level]],
