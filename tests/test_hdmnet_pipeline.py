@@ -51,7 +51,7 @@ def test_hdmnet_on_synth_selects_the_fast_recipe(compose_cfg):
     assert chosen.backbone.name == "resnet50"  # an explicit PSPNet trunk is kept
     # Other models keep their settings: no recipe for HSNet.
     hsnet = compose_cfg(["model=hsnet"])
-    assert hsnet.backbone.name == "resnet18" and hsnet.data.image_size == 128
+    assert hsnet.backbone.name == "resnet18" and hsnet.data.image_size == 112
     assert hsnet.train_shot == 1
 
 
