@@ -61,6 +61,7 @@ def measure(args: argparse.Namespace) -> dict:
     """One configuration, in this process."""
     import torch
 
+    common.apply_malloc(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     net = common.build_model(args.model, args.backbone, args.shot, args.size).to(device).eval()
@@ -156,10 +157,12 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    rows = common.run_configurations(__file__, args, ["--compare", str(args.compare)] if args.compare else [], "median_s", "s")
+    extra = ["--compare", str(args.compare)] if args.compare else []
+    rows = common.run_configurations(__file__, args, extra, "median_s", "s")
 
     print(f"\nMachine: {common.machine_line(args.device, args.threads)}; batch {args.batch}; "
-          f"mask {args.mask}; precision {args.precision}; compile {args.compile}; median of "
+          f"mask {args.mask}; precision {args.precision}; compile {args.compile}; malloc "
+          f"{args.malloc}; median of "
           f"{args.repeats} alternating runs\n")
     print(table(rows, args))
     if args.json:

@@ -54,6 +54,7 @@ def reference_loss(model: str):
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
+    common.apply_malloc(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     net = common.build_model(args.model, args.backbone, args.shot, args.size).to(device).train()

@@ -138,6 +138,18 @@ def add_worker_arguments(parser) -> None:
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--shot", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                        help="retain: keep freed memory in the process (fss.utils.memory, as "
+                             "run.py does), for every implementation timed alike; default: "
+                             "glibc's own thresholds")
+
+
+def apply_malloc(args) -> None:
+    """In a configuration's worker process, before anything is allocated."""
+    if args.malloc == "retain":
+        from fss.utils.memory import retain_freed_memory
+
+        retain_freed_memory()
 
 
 def run_configurations(script: str, args, extra: list[str], seconds_key: str,
@@ -159,6 +171,7 @@ def run_configurations(script: str, args, extra: list[str], seconds_key: str,
                         "--threads", str(args.threads), "--batch", str(args.batch),
                         "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                         "--mask", args.mask, "--precision", args.precision,
+                        "--malloc", args.malloc,
                     ]
                     command += ["--compile"] if args.compile else []
                     command += ["--reference"] if args.reference else []

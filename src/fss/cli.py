@@ -22,8 +22,11 @@ def run_job(cfg: DictConfig) -> float | None:
     multirun report can say which jobs failed; configuration errors print one line.
     """
     from fss.pipeline import print_summary, run
+    from fss.utils.memory import retain_freed_memory
 
     _single_log_stream()
+    if cfg.get("retain_freed_memory", True):
+        retain_freed_memory()
     try:
         metrics = run(cfg)
     except ConfigError as error:
