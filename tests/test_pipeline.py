@@ -47,16 +47,19 @@ def test_fast_dev_run_writes_metrics(compose_cfg, shared_cache, tmp_path, model)
 def test_pretrained_trunk_is_cached_and_reused(compose_cfg, tmp_path, caplog):
     cache = tmp_path / "cache"
     cfg = compose_cfg(["debug=fdr", *TINY], cache_dir=cache)
-    run(cfg)
+    first = run(cfg)
     trunks = list(cache.glob("pretrain/*/backbone.pth"))
     assert len(trunks) == 1
     stamp = trunks[0].stat().st_mtime_ns
     meta = json.loads((trunks[0].parent / "meta.json").read_text())
     assert meta["fold"] == 0 and len(meta["base_classes"]) == 15
     caplog.set_level("INFO")
-    run(cfg)
+    second = run(cfg)
     assert trunks[0].stat().st_mtime_ns == stamp
     assert "Reusing base-class pretrained backbone" in caplog.text
+    # Training the trunk in the same process must not change the model that follows: the
+    # run that trained it and the run that found it cached give the same result.
+    assert (second["mIoU"], second["FB-IoU"]) == (first["mIoU"], first["FB-IoU"])
     # A different fold is a different trunk: its base classes differ.
     run(compose_cfg(["debug=fdr", "fold=1", *TINY], cache_dir=cache))
     assert len(list(cache.glob("pretrain/*/backbone.pth"))) == 2

@@ -116,6 +116,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data.module)
     weights = resolve_backbone_weights(cfg)
+    # A stage that just trained (the base-class trunk) consumed random numbers that a run
+    # finding it cached does not: seed again so both build and train the same model.
+    L.seed_everything(cfg.seed, workers=True)
     net = build_model(cfg, weights)
 
     if hasattr(net, "calibrate"):
