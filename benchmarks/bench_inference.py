@@ -28,7 +28,6 @@ test: numbers depend on the machine, which the table header names.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -61,16 +60,8 @@ def measure(args: argparse.Namespace) -> dict:
     """One configuration, in this process."""
     import torch
 
-    common.apply_malloc(args)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    net = common.build_model(args.model, args.backbone, args.shot, args.size).to(device).eval()
-    if args.compile:
-        common.compile_model(net)
-    query, supports, masks, _ = common.episode(args.batch, args.shot, args.size, args.mask,
-                                               device=args.device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-                else contextlib.nullcontext())
+    device, net, query, supports, masks, _, autocast = common.prepare_configuration(
+        args, training=False)
     functions = {}
     outputs = {}
 

@@ -18,7 +18,6 @@ configuration runs in its own subprocess. Not a test: numbers depend on the mach
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -54,19 +53,11 @@ def reference_loss(model: str):
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    common.apply_malloc(args)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    net = common.build_model(args.model, args.backbone, args.shot, args.size).to(device).train()
-    if args.compile:
-        common.compile_model(net)
+    device, net, query, supports, masks, query_mask, autocast = common.prepare_configuration(
+        args, training=True)
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = (torch.optim.Adam(parameters, lr=1e-3) if args.model == "hsnet"
                  else torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.01))
-    query, supports, masks, query_mask = common.episode(args.batch, args.shot, args.size,
-                                                        args.mask, device=args.device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-                else contextlib.nullcontext())
 
     def step(loss_function):
         def run():

@@ -6,12 +6,14 @@ because each script puts this folder and ``src/`` on ``sys.path``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -144,12 +146,36 @@ def add_worker_arguments(parser) -> None:
                              "glibc's own thresholds")
 
 
-def apply_malloc(args) -> None:
-    """In a configuration's worker process, before anything is allocated."""
+class Configuration(NamedTuple):
+    """What every benchmark worker times: the network and one batch of episodes."""
+
+    device: torch.device
+    net: torch.nn.Module
+    query: torch.Tensor
+    supports: torch.Tensor
+    masks: torch.Tensor
+    query_mask: torch.Tensor
+    autocast: contextlib.AbstractContextManager
+
+
+def prepare_configuration(args, training: bool) -> Configuration:
+    """A configuration's worker set-up, shared by the benchmarks: the allocator setting (before
+    anything is allocated), threads, the network on its device in train or eval mode (compiled
+    with ``--compile``), the episodes, and the autocast context of ``--precision``."""
     if args.malloc == "retain":
         from fss.utils.memory import retain_freed_memory
 
         retain_freed_memory()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    net = build_model(args.model, args.backbone, args.shot, args.size).to(device).train(training)
+    if args.compile:
+        compile_model(net)
+    query, supports, masks, query_mask = episode(args.batch, args.shot, args.size, args.mask,
+                                                 device=args.device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+    return Configuration(device, net, query, supports, masks, query_mask, autocast)
 
 
 def run_configurations(script: str, args, extra: list[str], seconds_key: str,
