@@ -29,7 +29,7 @@ from fss.models.hsnet.conv4d import (
     channels_last_6d,
     is_channels_last_6d,
 )
-from fss.models.hsnet.correlation import hypercorrelation_pyramid
+from fss.models.hsnet.correlation import BoxedCorrelation, hypercorrelation_pyramid
 from tests import reference_hdmnet, reference_hsnet
 
 LOGIT_TOLERANCE = 1e-4
@@ -83,6 +83,54 @@ def test_center_pivot_conv_without_autograd_matches_too() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(module(_support_last(x)), reference_hsnet.conv4d(module, x),
                                    rtol=1e-5, atol=1e-5)
+
+
+# Support boxes (top, bottom, left, right) on a 13x11 support map, one per pair: interior,
+# touching every border, a single position, a full-width band, and an empty support.
+_BOXES = [(3, 9, 2, 7), (0, 13, 0, 4), (12, 13, 10, 11), (5, 6, 0, 11), (0, 0, 0, 0)]
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(5, 4), (3, 2), (3, 1), (5, 2)])
+def test_boxed_correlation_conv_matches_dense(kernel, stride) -> None:
+    """The first 4D conv on a level kept as support boxes (inference) equals the conv of
+    the dense level: bias where no window reaches the box, the convolution elsewhere."""
+    torch.manual_seed(kernel * 10 + stride)
+    hb, wb = 13, 11
+    shots = len(_BOXES)
+    query = [torch.randn(1, 6, 7, 9) for _ in range(3)]
+    support = [torch.randn(shots, 6, hb, wb) for _ in range(3)]
+    for pair, (top, bottom, left, right) in enumerate(_BOXES):
+        keep = torch.zeros(hb, wb)
+        keep[top:bottom, left:right] = 1
+        for feature in support:
+            feature[pair] *= keep
+    module = CenterPivotConv4d(3, 8, kernel, stride)
+    with torch.no_grad():
+        dense = hypercorrelation_pyramid(query, support, [2, 2, 2])[0]
+        boxed = hypercorrelation_pyramid(query, support, [2, 2, 2], boxed=True)[0]
+        assert isinstance(boxed, BoxedCorrelation)
+        assert boxed.boxes == tuple(_BOXES) and boxed.values[-1] is None
+        torch.testing.assert_close(boxed.to_dense(), dense, rtol=1e-5, atol=1e-6)
+        got = module(boxed)
+        expected = reference_hsnet.conv4d(module, dense)
+    assert is_channels_last_6d(got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The empty support sees only zeros: both branches give their bias.
+    bias = (module.conv1.bias + module.conv2.bias).detach()
+    torch.testing.assert_close(got[-1], bias.view(-1, 1, 1, 1, 1).expand_as(got[-1]))
+    with pytest.raises(RuntimeError, match="for inference"):
+        module(boxed)  # autograd on: a boxed level cannot be trained through
+
+
+def test_boxed_levels_only_where_supports_are_masked() -> None:
+    query = [torch.randn(1, 4, 6, 6)]
+    full = [torch.randn(2, 4, 6, 6)]
+    with torch.no_grad():
+        assert isinstance(hypercorrelation_pyramid(query, full, [2], boxed=True)[0], torch.Tensor)
+        masked = [full[0] * (torch.arange(6) < 3).float().view(1, 1, 6, 1)]
+        assert isinstance(hypercorrelation_pyramid(query, masked, [2], boxed=True)[0],
+                          BoxedCorrelation)
+        assert isinstance(hypercorrelation_pyramid(query, masked, [2])[0], torch.Tensor)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

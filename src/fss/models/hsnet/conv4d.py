@@ -18,9 +18,13 @@ channels-last 6D. Only the query branch copies its input: the support positions 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fss.models.hsnet.correlation import BoxedCorrelation
 
 
 def is_channels_last_6d(x: Tensor) -> bool:
@@ -54,6 +58,17 @@ def _conv2d(maps: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) 
     return F.conv2d(maps, weight, bias, strides, padding)
 
 
+def _windows_reaching(
+    start: int, end: int, kernel: int, padding: int, stride: int, outputs: int
+) -> tuple[int, int]:
+    """Output indices [first, last) of a strided 1D convolution (``padding`` zeros each
+    side) whose window [stride·i - padding, stride·i - padding + kernel) overlaps the input
+    span [start, end)."""
+    first = max(0, -(-(start + padding - kernel + 1) // stride))  # ceil division
+    last = min(outputs, (end - 1 + padding) // stride + 1)
+    return first, last
+
+
 class CenterPivotConv4d(nn.Module):
     """Center-pivot 4D convolution on (N, C, Ha, Wa, Hb, Wb) tensors.
 
@@ -80,8 +95,14 @@ class CenterPivotConv4d(nn.Module):
             in_channels, out_channels, kernel_size, support_stride, padding, bias=True
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (N, C, Ha, Wa, Hb, Wb) -> (N, C_out, Ha, Wa, ceil(Hb/s), ceil(Wb/s))."""
+    def forward(self, x: Tensor | BoxedCorrelation) -> Tensor:
+        """x (N, C, Ha, Wa, Hb, Wb) -> (N, C_out, Ha, Wa, ceil(Hb/s), ceil(Wb/s)).
+
+        ``x`` may also be a :class:`BoxedCorrelation` (inference only), see
+        :meth:`_forward_boxed`.
+        """
+        if isinstance(x, BoxedCorrelation):
+            return self._forward_boxed(x)
         if not (is_channels_last_6d(x) or is_support_last_6d(x)):
             x = channels_last_6d(x)
         support = self._support_branch(x)
@@ -98,6 +119,73 @@ class CenterPivotConv4d(nn.Module):
         n, channels, ha, wa, hb, wb = query.shape
         out = query.new_empty(n, ha, wa, hb, wb, channels).permute(0, 5, 1, 2, 3, 4)
         return torch.add(support, query, out=out)
+
+    def _forward_boxed(self, level: BoxedCorrelation) -> Tensor:
+        """The conv of a level that is 0 outside each pair's support box, convolving only
+        where the box reaches; channels-last 6D output.
+
+        Outside the box both branches see only zeros and give their bias: the support
+        branch at every output position whose window misses the box, the query branch at
+        every pivot (support position s·i, s·j) outside it. So the output is filled with
+        ``conv1.bias + conv2.bias`` and the two branches' bias-free convolutions are added
+        where the box reaches: the support branch over the box padded with zeros to whole
+        windows, the query branch at the pivots inside the box.
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("a BoxedCorrelation is for inference: build the dense "
+                               "correlation (hypercorrelation_pyramid(boxed=False)) to train")
+        n, channels, ha, wa, hb, wb = level.shape
+        kernel = self.conv2.kernel_size[0]
+        padding = kernel // 2
+        stride = self.support_stride
+        hb_out, wb_out = math.ceil(hb / stride), math.ceil(wb / stride)
+        dtype = level.dtype
+        if torch.is_autocast_enabled(level.device.type):
+            dtype = torch.get_autocast_dtype(level.device.type)
+        support_weight = self.conv2.weight.to(dtype)
+        query_weight = self.conv1.weight.to(dtype).contiguous(memory_format=torch.channels_last)
+        out_channels = query_weight.shape[0]
+        out = torch.empty(n, ha, wa, hb_out, wb_out, out_channels, dtype=dtype,
+                          device=level.device)
+        out.copy_((self.conv1.bias + self.conv2.bias).to(dtype).expand_as(out))
+        for pair, (box, values) in enumerate(zip(level.boxes, level.values, strict=True)):
+            if values is None:
+                continue
+            values = values.to(dtype)
+            top, bottom, left, right = box
+            # Support branch: the output rows / columns whose windows reach the box.
+            rows = _windows_reaching(top, bottom, kernel, padding, stride, hb_out)
+            columns = _windows_reaching(left, right, kernel, padding, stride, wb_out)
+            if rows[1] > rows[0] and columns[1] > columns[0]:
+                # The box inside zeros that span exactly those windows (negative padding
+                # crops box rows no window covers).
+                first_row = stride * rows[0] - padding
+                last_row = stride * (rows[1] - 1) - padding + kernel  # exclusive
+                first_col = stride * columns[0] - padding
+                last_col = stride * (columns[1] - 1) - padding + kernel
+                maps = values.view(ha * wa, channels, bottom - top, right - left)
+                maps = F.pad(maps, (left - first_col, last_col - right,
+                                    top - first_row, last_row - bottom))
+                support = _conv2d(maps, support_weight, None, stride, 0)
+                region = out[pair, :, :, rows[0] : rows[1], columns[0] : columns[1]]
+                region += support.view(ha, wa, out_channels, *support.shape[-2:]).permute(
+                    0, 1, 3, 4, 2)
+            # Query branch: the pivots inside the box.
+            pivot_rows = (math.ceil(top / stride), math.ceil(bottom / stride))
+            pivot_cols = (math.ceil(left / stride), math.ceil(right / stride))
+            count_rows = pivot_rows[1] - pivot_rows[0]
+            count_cols = pivot_cols[1] - pivot_cols[0]
+            if count_rows > 0 and count_cols > 0:
+                pivots = values[..., stride * pivot_rows[0] - top :: stride,
+                                stride * pivot_cols[0] - left :: stride]
+                maps = pivots.permute(3, 4, 0, 1, 2).contiguous()  # (rows, cols, ha, wa, C)
+                maps = maps.view(-1, ha, wa, channels).permute(0, 3, 1, 2)
+                query = _conv2d(maps, query_weight, None, 1, padding)
+                query = query.permute(0, 2, 3, 1).view(count_rows, count_cols, ha, wa, -1)
+                region = out[pair, :, :, pivot_rows[0] : pivot_rows[1],
+                             pivot_cols[0] : pivot_cols[1]]
+                region += query.permute(2, 3, 0, 1, 4)
+        return out.permute(0, 5, 1, 2, 3, 4)
 
     def _support_branch(self, x: Tensor) -> Tensor:
         """conv2 over (Hb, Wb) at every query position, in the input's layout.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,6 +14,43 @@ NORM_EPS = 1e-5
 # Below this fraction of the support positions, only the box holding the non-zero ones is
 # multiplied.
 _PRUNE_BELOW = 0.9
+
+
+@dataclass(frozen=True)
+class BoxedCorrelation:
+    """One pyramid level's correlation stored only inside each pair's support box.
+
+    Masked-out support positions (feature vector exactly 0) correlate to exactly 0, so a
+    pair's correlation is 0 outside the bounding box of its non-zero support positions and
+    keeping the box loses nothing. The learner's first center-pivot 4D conv reads this form
+    directly (``CenterPivotConv4d``): it convolves only where the box reaches and writes
+    the bias elsewhere, and the level's dense tensor is never built.
+
+    Attributes:
+        shape: the dense tensor's shape (N, layers, ha, wa, hb, wb).
+        boxes: per pair, (top, bottom, left, right) in support positions, ends exclusive;
+            the union over the level's layers.
+        values: per pair, the correlation inside its box, (ha, wa, layers, bottom - top,
+            right - left) (a view, its last two dims contiguous); ``None`` for a support
+            with no non-zero position.
+        dtype, device: of the dense tensor.
+    """
+
+    shape: tuple[int, int, int, int, int, int]
+    boxes: tuple[tuple[int, int, int, int], ...]
+    values: tuple[Tensor | None, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def to_dense(self) -> Tensor:
+        """The dense (N, layers, ha, wa, hb, wb) tensor, stored support-last."""
+        n, layers, ha, wa, hb, wb = self.shape
+        out = torch.zeros(n, ha, wa, layers, hb, wb, dtype=self.dtype, device=self.device)
+        for pair, ((top, bottom, left, right), values) in enumerate(
+                zip(self.boxes, self.values, strict=True)):
+            if values is not None:
+                out[pair, :, :, :, top:bottom, left:right] = values
+        return out.permute(0, 3, 1, 2, 4, 5)
 
 
 def mask_features(features: list[Tensor], masks: Tensor) -> list[Tensor]:
@@ -32,8 +71,11 @@ def mask_features(features: list[Tensor], masks: Tensor) -> list[Tensor]:
 
 
 def hypercorrelation_pyramid(
-    query_features: list[Tensor], support_features: list[Tensor], tap_groups: list[int]
-) -> list[Tensor]:
+    query_features: list[Tensor],
+    support_features: list[Tensor],
+    tap_groups: list[int],
+    boxed: bool = False,
+) -> list[Tensor | BoxedCorrelation]:
     """Per-layer cosine correlations, clamped at 0 and stacked per pyramid level.
 
     Each query is correlated with its K supports without copying the query features K times
@@ -43,11 +85,15 @@ def hypercorrelation_pyramid(
         query_features: taps (B, C_i, ha_i, wa_i), shallow -> deep.
         support_features: taps (B*K, C_i, hb_i, wb_i), support index ``b*K + k``.
         tap_groups: pyramid level of each tap.
+        boxed: on the in-place CPU path, return a level whose supports are partly masked
+            out as a :class:`BoxedCorrelation` (for the learner's center-pivot conv, which
+            reads it directly) instead of a dense tensor that is mostly zeros.
     Returns:
         one tensor per level, DEEPEST first: (B*K, n_level, ha, wa, hb, wb), channels in
         depth order within the level. On a CPU without autograd the tensors are stored
         support-last (memory order B*K, ha, wa, n_level, hb, wb), the layout the learner's
-        first 4D conv reads without a copy; otherwise they are contiguous.
+        first 4D conv reads without a copy; otherwise they are contiguous. With ``boxed``,
+        pruned levels of that path are :class:`BoxedCorrelation` instead.
     """
     if not (len(query_features) == len(support_features) == len(tap_groups)):
         raise ValueError("query taps, support taps and tap_groups must have the same length")
@@ -75,10 +121,13 @@ def hypercorrelation_pyramid(
     query_features = [f.to(dtype) for f in query_features]
     support_features = [f.to(dtype) for f in support_features]
     on_cpu = device_type == "cpu"
-    build = _level_in_place if on_cpu and not needs_grad else _level_plain
+    in_place = on_cpu and not needs_grad
     return [
-        build([query_features[i] for i in levels[level]],
-              [support_features[i] for i in levels[level]], batch, shots)
+        _level_in_place([query_features[i] for i in levels[level]],
+                        [support_features[i] for i in levels[level]], batch, shots, boxed)
+        if in_place else
+        _level_plain([query_features[i] for i in levels[level]],
+                     [support_features[i] for i in levels[level]], batch, shots)
         for level in sorted(levels, reverse=True)
     ]
 
@@ -98,15 +147,17 @@ def _normalised(features: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _level_in_place(
-    query_taps: list[Tensor], support_taps: list[Tensor], batch: int, shots: int
-) -> Tensor:
+    query_taps: list[Tensor], support_taps: list[Tensor], batch: int, shots: int,
+    boxed: bool = False,
+) -> Tensor | BoxedCorrelation:
     """One level without autograd: every (layer, shot) product is one GEMM written into
     its slot of the support-last output and clamped there.
 
     Support positions whose feature vector is exactly zero (masked out: the mask is 0
     there) have a correlation of exactly 0. When they are many, only the bounding box of
     the non-zero positions is multiplied and the rest of the output stays 0: for an object
-    covering a quarter of the support image, a quarter of the FLOPs.
+    covering a quarter of the support image, a quarter of the FLOPs. With ``boxed`` the
+    level is then returned as a :class:`BoxedCorrelation` and the zeros are never written.
     """
     ha, wa = query_taps[0].shape[-2:]
     hb, wb = support_taps[0].shape[-2:]
@@ -120,6 +171,9 @@ def _level_in_place(
     boxes = [[box if _area(box) < _PRUNE_BELOW * hb * wb else full for box in layer_boxes]
              for layer_boxes in boxes]
     pruned = any(box != full for layer_boxes in boxes for box in layer_boxes)
+    if boxed and pruned:
+        return _boxed_level(normalised, [_union(pair_boxes) for pair_boxes in zip(*boxes)],
+                            (pairs, layers, ha, wa, hb, wb), shots)
     out = (query_taps[0].new_zeros if pruned else query_taps[0].new_empty)(
         pairs, ha * wa, layers, hb * wb)
     for slot, (query, support, _) in enumerate(normalised):
@@ -140,6 +194,54 @@ def _level_in_place(
             target.view(-1, hb, wb)[:, top:bottom, left:right] = product.view(
                 -1, bottom - top, right - left)
     return out.view(pairs, ha, wa, layers, hb, wb).permute(0, 3, 1, 2, 4, 5)
+
+
+def _boxed_level(
+    normalised: list[tuple[Tensor, Tensor, Tensor]],
+    boxes: list[tuple[int, int, int, int]],
+    shape: tuple[int, int, int, int, int, int],
+    shots: int,
+) -> BoxedCorrelation:
+    """The level's correlation inside each pair's box.
+
+    Per query and layer, ONE GEMM multiplies the query by its K supports' boxes side by
+    side (a K times wider product runs closer to the machine's peak than K narrow ones),
+    writing into the query's (ha·wa, layers, total box area) buffer; each pair's values
+    are a view of its columns.
+    """
+    pairs, layers, ha, wa, hb, wb = shape
+    values: list[Tensor | None] = [None] * pairs  # None: an all-zero support, all 0
+    for first in range(0, pairs, shots):
+        members = [pair for pair in range(first, first + shots) if boxes[pair][0] != boxes[pair][1]]
+        if not members:
+            continue
+        areas = [_area(boxes[pair]) for pair in members]
+        buffer = normalised[0][0].new_empty(ha * wa, layers, sum(areas))
+        for slot, (query, support, _) in enumerate(normalised):
+            columns = torch.cat([
+                support[pair].view(-1, hb, wb)[:, top:bottom, left:right].flatten(1)
+                for pair, (top, bottom, left, right) in ((p, boxes[p]) for p in members)
+            ], dim=1)
+            torch.mm(query[first // shots], columns, out=buffer[:, slot])
+        buffer.clamp_(min=0)
+        offset = 0
+        for pair, area in zip(members, areas, strict=True):
+            top, bottom, left, right = boxes[pair]
+            values[pair] = buffer[:, :, offset : offset + area].view(
+                ha, wa, layers, bottom - top, right - left)
+            offset += area
+    reference = normalised[0][0]
+    return BoxedCorrelation(shape, tuple(boxes), tuple(values), reference.dtype,
+                            reference.device)
+
+
+def _union(boxes: tuple[tuple[int, int, int, int], ...]) -> tuple[int, int, int, int]:
+    """The smallest box holding every non-empty box of ``boxes``; empty if all are."""
+    boxes = [box for box in boxes if box[0] != box[1]]
+    if not boxes:
+        return 0, 0, 0, 0
+    return (min(b[0] for b in boxes), max(b[1] for b in boxes),
+            min(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _nonzero_box(norms: Tensor) -> tuple[int, int, int, int]:

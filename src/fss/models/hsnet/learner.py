@@ -7,7 +7,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fss.models.hsnet.conv4d import GroupNorm6d
+from fss.models.hsnet.conv4d import CenterPivotConv4d, GroupNorm6d
+from fss.models.hsnet.correlation import BoxedCorrelation
 from fss.models.hsnet.conv4d_variants import build_conv4d
 from fss.utils.errors import ConfigError
 
@@ -128,10 +129,11 @@ class HypercorrelationLearner(nn.Module):
 
     def forward(self, pyramid: list[Tensor]) -> Tensor:
         """pyramid [l4, l3, l2] (deepest first; fewer levels for the pyramid ablation), each
-        (N, n_l, ha_l, wa_l, hb_l, wb_l) -> logits (N, 2, 2·ha, 2·wa) of the finest level."""
+        (N, n_l, ha_l, wa_l, hb_l, wb_l) or, in inference, its
+        :class:`~fss.models.hsnet.correlation.BoxedCorrelation` -> logits (N, 2, 2·ha, 2·wa) of the finest level."""
         if len(pyramid) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} pyramid levels, got {len(pyramid)}")
-        squeezed = [getattr(self, name)(level)
+        squeezed = [self._squeeze(getattr(self, name), level)
                     for (name, _), level in zip(SQUEEZE_BLOCKS, pyramid, strict=False)]
         # Top-down: upsample the mixture so far to the next finer level, add, mix.
         mixed = squeezed[0]
@@ -145,6 +147,14 @@ class HypercorrelationLearner(nn.Module):
             decoded, size=(2 * height, 2 * width), mode="bilinear", align_corners=True
         )
         return self.decoder2(decoded)
+
+    @staticmethod
+    def _squeeze(block: nn.Sequential, level: Tensor | BoxedCorrelation) -> Tensor:
+        """A squeezing block on a level; a boxed level goes to a center-pivot first conv
+        as it is, to the other kernels as its dense tensor."""
+        if isinstance(level, BoxedCorrelation) and not isinstance(block[0], CenterPivotConv4d):
+            level = level.to_dense()
+        return block(level)
 
     @staticmethod
     def _upsample_like(deeper: Tensor, shallower: Tensor) -> Tensor:

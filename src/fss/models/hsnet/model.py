@@ -93,6 +93,9 @@ class HSNet(nn.Module):
         backbone as one batch; the learner then runs on B·K (query, support) pairs.
         """
         batch, shots, _, height, width = _validate(query_img, support_imgs, support_masks)
+        # Without autograd the learner's first 4D convs read partly masked-out levels as
+        # boxes (fss.models.hsnet.correlation.BoxedCorrelation) instead of mostly-zero tensors.
+        boxed = not torch.is_grad_enabled()
         support_imgs = support_imgs.flatten(0, 1)
         support_masks = support_masks.flatten(0, 1).to(support_imgs.dtype)
         # The backbone is frozen: no graph through it, which saves most of the memory.
@@ -100,7 +103,8 @@ class HSNet(nn.Module):
             query_features, support_features = self._encode(query_img, support_imgs)
             if self.use_support_mask:
                 support_features = mask_features(support_features, support_masks)
-            pyramid = hypercorrelation_pyramid(query_features, support_features, self.tap_groups)
+            pyramid = hypercorrelation_pyramid(
+                query_features, support_features, self.tap_groups, boxed=boxed)
         logits = self.learner(pyramid)  # (B*K, 2, H/4, W/4)
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
         return logits.view(batch, shots, 2, height, width)
