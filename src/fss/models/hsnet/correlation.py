@@ -172,8 +172,8 @@ def _level_in_place(
              for layer_boxes in boxes]
     pruned = any(box != full for layer_boxes in boxes for box in layer_boxes)
     if boxed and pruned:
-        return _boxed_level(normalised, [_union(pair_boxes) for pair_boxes in zip(*boxes)],
-                            (pairs, layers, ha, wa, hb, wb), shots)
+        pair_boxes = [_union(of_pair) for of_pair in zip(*boxes, strict=True)]
+        return _boxed_level(normalised, pair_boxes, (pairs, layers, ha, wa, hb, wb), shots)
     out = (query_taps[0].new_zeros if pruned else query_taps[0].new_empty)(
         pairs, ha * wa, layers, hb * wb)
     for slot, (query, support, _) in enumerate(normalised):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fss.models.hsnet.conv4d import CenterPivotConv4d, GroupNorm6d
-from fss.models.hsnet.correlation import BoxedCorrelation
 from fss.models.hsnet.conv4d_variants import build_conv4d
+from fss.models.hsnet.correlation import BoxedCorrelation
 from fss.utils.errors import ConfigError
 
 # (out channels, kernel sizes, support strides) of each block's three 4D convs (spec table).
