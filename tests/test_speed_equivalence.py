@@ -29,7 +29,11 @@ from fss.models.hsnet.conv4d import (
     channels_last_6d,
     is_channels_last_6d,
 )
-from fss.models.hsnet.correlation import BoxedCorrelation, hypercorrelation_pyramid
+from fss.models.hsnet.correlation import (
+    BoxedCorrelation,
+    correlation_product,
+    hypercorrelation_pyramid,
+)
 from tests import reference_hdmnet, reference_hsnet
 
 LOGIT_TOLERANCE = 1e-4
@@ -97,7 +101,7 @@ def test_boxed_correlation_conv_matches_dense(kernel, stride) -> None:
     torch.manual_seed(kernel * 10 + stride)
     hb, wb = 13, 11
     shots = len(_BOXES)
-    query = [torch.randn(1, 6, 7, 9) for _ in range(3)]
+    query = [torch.randn(1, 6, 20, 21) for _ in range(3)]  # >= 400: products as 1x1 convs
     support = [torch.randn(shots, 6, hb, wb) for _ in range(3)]
     for pair, (top, bottom, left, right) in enumerate(_BOXES):
         keep = torch.zeros(hb, wb)
@@ -120,6 +124,17 @@ def test_boxed_correlation_conv_matches_dense(kernel, stride) -> None:
     torch.testing.assert_close(got[-1], bias.view(-1, 1, 1, 1, 1).expand_as(got[-1]))
     with pytest.raises(RuntimeError, match="for inference"):
         module(boxed)  # autograd on: a boxed level cannot be trained through
+
+
+@pytest.mark.parametrize("positions", [120, 2500])
+def test_correlation_product_matches_matmul(positions) -> None:
+    """Products of >= 400 query positions run as oneDNN 1x1 convolutions; fewer, as mm."""
+    torch.manual_seed(positions)
+    query = torch.randn(48, positions).t()  # (P, C), not contiguous: as the taps arrive
+    support = torch.randn(48, 70)
+    got = correlation_product(query, support)
+    assert got.shape == (positions, 70) and got.is_contiguous()
+    torch.testing.assert_close(got, query @ support, rtol=1e-5, atol=1e-4)
 
 
 def test_boxed_levels_only_where_supports_are_masked() -> None:
@@ -158,7 +173,8 @@ def test_groupnorm6d_matches_groupnorm(channels_last) -> None:
 def test_hypercorrelation_pyramid_matches_reference(mask, channels_last) -> None:
     torch.manual_seed(3)
     batch, shots = 2, 3
-    shapes = [(8, 12, 12), (8, 12, 12), (16, 6, 6), (16, 6, 6), (16, 6, 6), (32, 3, 3)]
+    # 21 x 20 = 420 query positions at level 2: its products run as 1x1 convolutions.
+    shapes = [(8, 21, 20), (8, 21, 20), (16, 6, 6), (16, 6, 6), (16, 6, 6), (32, 3, 3)]
     groups = [2, 2, 3, 3, 3, 4]
     query = [torch.randn(batch, *shape) for shape in shapes]
     support = [torch.randn(batch * shots, *shape) for shape in shapes]

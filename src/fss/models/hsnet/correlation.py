@@ -14,6 +14,9 @@ NORM_EPS = 1e-5
 # Below this fraction of the support positions, only the box holding the non-zero ones is
 # multiplied.
 _PRUNE_BELOW = 0.9
+# Query positions from which a correlation product runs as a 1x1 convolution
+# (correlation_product).
+_CONV_PRODUCT_FROM = 400
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,8 @@ def _level_in_place(
     query_taps: list[Tensor], support_taps: list[Tensor], batch: int, shots: int,
     boxed: bool = False,
 ) -> Tensor | BoxedCorrelation:
-    """One level without autograd: every (layer, shot) product is one GEMM written into
-    its slot of the support-last output and clamped there.
+    """One level without autograd: every (layer, shot) product is one GEMM (see
+    :func:`correlation_product`) clamped into its slot of the support-last output.
 
     Support positions whose feature vector is exactly zero (masked out: the mask is 0
     there) have a correlation of exactly 0. When they are many, only the bounding box of
@@ -185,12 +188,12 @@ def _level_in_place(
             target = out[pair, :, slot]  # (ha·wa, hb·wb), rows layers·hb·wb apart
             if (left, right) == (0, wb):  # whole rows: a contiguous span, GEMM in place
                 span = target[:, top * wb : bottom * wb]
-                torch.mm(query[pair // shots], support[pair][:, top * wb : bottom * wb],
-                         out=span)
-                span.clamp_(min=0)  # only what was written: the zeros are already >= 0
+                rows = support[pair][:, top * wb : bottom * wb]
+                product = correlation_product(query[pair // shots], rows)
+                torch.clamp(product, min=0, out=span)
                 continue
             box = support[pair].view(-1, hb, wb)[:, top:bottom, left:right].flatten(1)
-            product = (query[pair // shots] @ box).clamp_(min=0)
+            product = correlation_product(query[pair // shots], box).clamp_(min=0)
             target.view(-1, hb, wb)[:, top:bottom, left:right] = product.view(
                 -1, bottom - top, right - left)
     return out.view(pairs, ha, wa, layers, hb, wb).permute(0, 3, 1, 2, 4, 5)
@@ -222,8 +225,8 @@ def _boxed_level(
                 support[pair].view(-1, hb, wb)[:, top:bottom, left:right].flatten(1)
                 for pair, (top, bottom, left, right) in ((p, boxes[p]) for p in members)
             ], dim=1)
-            torch.mm(query[first // shots], columns, out=buffer[:, slot])
-        buffer.clamp_(min=0)
+            product = correlation_product(query[first // shots], columns)
+            torch.clamp(product, min=0, out=buffer[:, slot])
         offset = 0
         for pair, area in zip(members, areas, strict=True):
             top, bottom, left, right = boxes[pair]
@@ -242,6 +245,25 @@ def _union(boxes: tuple[tuple[int, int, int, int], ...]) -> tuple[int, int, int,
         return 0, 0, 0, 0
     return (min(b[0] for b in boxes), max(b[1] for b in boxes),
             min(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def correlation_product(query: Tensor, support: Tensor) -> Tensor:
+    """query (P, C) @ support (C, S) -> (P, S) contiguous, as a 1x1 convolution.
+
+    oneDNN's 1x1 convolution (the query as a channels-last (1, C, P, 1) map, the support
+    vectors as S filters) runs these products 2.1-2.4x faster than ``torch.mm`` (MKL) on
+    the AVX-512 AMD CPU measured here (2 threads: 395-431 vs 162-186 GFLOP/s for the
+    (2500 x 512) @ (512 x 576 ... 2880) products of a ResNet-50 episode at 400²); the
+    result is the same up to float rounding. Autocast applies as to any convolution.
+    Below ``_CONV_PRODUCT_FROM`` query positions (the deepest level, 13 x 13 at 400²) the
+    convolution was slower (127 vs 167 GFLOP/s) and ``torch.mm`` is used.
+    """
+    positions, channels = query.shape
+    if positions < _CONV_PRODUCT_FROM:
+        return query @ support
+    maps = query.contiguous().view(1, positions, 1, channels).permute(0, 3, 1, 2)
+    filters = support.t().reshape(support.shape[1], channels, 1, 1)
+    return F.conv2d(maps, filters).permute(0, 2, 3, 1).reshape(positions, -1)
 
 
 def _nonzero_box(norms: Tensor) -> tuple[int, int, int, int]:
