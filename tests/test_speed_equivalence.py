@@ -89,6 +89,27 @@ def test_center_pivot_conv_without_autograd_matches_too() -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("kernel", "stride", "support"), [(3, 1, (2, 2)), (3, 2, (1, 2)),
+                                                          (5, 1, (3, 3)), (3, 1, (1, 1))])
+def test_small_support_maps_as_one_matrix_match_reference(kernel, stride, support) -> None:
+    """Inference on support maps every window covers: conv2 as one cached matrix product,
+    rebuilt when the weights change."""
+    torch.manual_seed(kernel + stride)
+    module = CenterPivotConv4d(8, 16, kernel, stride)
+    assert module._windows_cover(*support)
+    x = torch.randn(3, 8, 6, 5, *support)
+    with torch.no_grad():
+        torch.testing.assert_close(module(channels_last_6d(x)), reference_hsnet.conv4d(module, x),
+                                   rtol=1e-5, atol=1e-5)
+        cached = module._support_matrix_cache
+        assert cached is not None
+        module.conv2.weight.mul_(-2.0)
+        torch.testing.assert_close(module(channels_last_6d(x)), reference_hsnet.conv4d(module, x),
+                                   rtol=1e-5, atol=1e-5)
+        assert module._support_matrix_cache is not cached
+    assert not CenterPivotConv4d(8, 16, 3, 2)._windows_cover(4, 4)  # squeeze: windows differ
+
+
 # Support boxes (top, bottom, left, right) on a 13x11 support map, one per pair: interior,
 # touching every border, a single position, a full-width band, and an empty support.
 _BOXES = [(3, 9, 2, 7), (0, 13, 0, 4), (12, 13, 10, 11), (5, 6, 0, 11), (0, 0, 0, 0)]

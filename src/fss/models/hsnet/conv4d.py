@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fss.models.hsnet.correlation import BoxedCorrelation
+from fss.models.matmul import matmul_as_conv
 
 
 def is_channels_last_6d(x: Tensor) -> bool:
@@ -94,6 +95,7 @@ class CenterPivotConv4d(nn.Module):
         self.conv2 = nn.Conv2d(
             in_channels, out_channels, kernel_size, support_stride, padding, bias=True
         )
+        self._support_matrix_cache: tuple | None = None  # see _support_matrix
 
     def forward(self, x: Tensor | BoxedCorrelation) -> Tensor:
         """x (N, C, Ha, Wa, Hb, Wb) -> (N, C_out, Ha, Wa, ceil(Hb/s), ceil(Wb/s)).
@@ -190,12 +192,22 @@ class CenterPivotConv4d(nn.Module):
     def _support_branch(self, x: Tensor) -> Tensor:
         """conv2 over (Hb, Wb) at every query position, in the input's layout.
 
-        Channels-last input: channels-last convolution, channels-last 6D output.
+        Channels-last input: channels-last convolution, channels-last 6D output; for maps
+        that every kernel window covers whole (2x2 maps under a 3x3 kernel: the mixing
+        blocks at 400²), without autograd, one matrix product instead
+        (:meth:`_support_matrix`).
         Support-last input (the correlation, few channels): NCHW convolution on the free
         view; converting that large tensor to channels-last first costs more than it saves.
         """
         n, channels, ha, wa, hb, wb = x.shape
         conv = self.conv2
+        if is_channels_last_6d(x) and not torch.is_grad_enabled() and self._windows_cover(hb, wb):
+            # (N·Ha·Wa, Hb·Wb·C) rows, a view; the product is (N, Ha, Wa, Hb', Wb', C_out).
+            matrix, bias = self._support_matrix(hb, wb, x.dtype)
+            rows = x.permute(0, 2, 3, 4, 5, 1).reshape(n * ha * wa, hb * wb * channels)
+            out = matmul_as_conv(rows, matrix, bias)
+            hb_out, wb_out = math.ceil(hb / self.support_stride), math.ceil(wb / self.support_stride)
+            return out.view(n, ha, wa, hb_out, wb_out, -1).permute(0, 5, 1, 2, 3, 4)
         maps = x.permute(0, 2, 3, 1, 4, 5).reshape(n * ha * wa, channels, hb, wb)  # a view
         weight = conv.weight
         if is_channels_last_6d(x):
@@ -206,6 +218,39 @@ class CenterPivotConv4d(nn.Module):
             out = out.permute(0, 2, 3, 1).reshape(n, ha, wa, hb_out, wb_out, -1)
             return out.permute(0, 5, 1, 2, 3, 4)
         return out.view(n, ha, wa, -1, hb_out, wb_out).permute(0, 3, 1, 2, 4, 5)
+
+    def _windows_cover(self, hb: int, wb: int) -> bool:
+        """Whether every output window of conv2 covers the whole (hb, wb) map: then its
+        dense matrix has no entry the convolution would skip, and costs it no extra FLOPs."""
+        kernel = self.conv2.kernel_size[0]
+        padding, stride = kernel // 2, self.support_stride
+        return all(
+            stride * (math.ceil(size / stride) - 1) - padding <= 0
+            and kernel - 1 - padding >= size - 1
+            for size in (hb, wb)
+        )
+
+    def _support_matrix(self, hb: int, wb: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """conv2 on (hb, wb) maps as a (hb·wb·C_in, hb'·wb'·C_out) matrix over flattened
+        channels-last maps, and the bias repeated per output position.
+
+        The matrix is the convolution of the one-hot basis maps, so it is exact for any
+        kernel, stride and padding; it is cached until the weights change.
+        """
+        weight, bias = self.conv2.weight, self.conv2.bias
+        key = (hb, wb, dtype, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+        if self._support_matrix_cache is not None and self._support_matrix_cache[0] == key:
+            return self._support_matrix_cache[1]
+        channels = weight.shape[1]
+        size = hb * wb * channels
+        basis = torch.eye(size, dtype=dtype, device=weight.device)
+        basis = basis.view(size, hb, wb, channels).permute(0, 3, 1, 2)
+        images = F.conv2d(basis, weight.to(dtype), None, self.conv2.stride, self.conv2.padding)
+        positions = images.shape[-2] * images.shape[-1]
+        matrix = images.permute(0, 2, 3, 1).reshape(size, -1)
+        entry = (matrix, bias.to(dtype).repeat(positions))
+        self._support_matrix_cache = (key, entry)
+        return entry
 
     def _query_branch(self, x: Tensor) -> Tensor:
         """conv1 over (Ha, Wa) at the support positions conv2 keeps, channels-last;

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fss.models.matmul import matmul_as_conv
+
 # Added to the L2 norm before dividing, as the official code, so all-zero (masked-out)
 # support vectors give a zero correlation instead of NaN.
 NORM_EPS = 1e-5
@@ -248,22 +250,16 @@ def _union(boxes: tuple[tuple[int, int, int, int], ...]) -> tuple[int, int, int,
 
 
 def correlation_product(query: Tensor, support: Tensor) -> Tensor:
-    """query (P, C) @ support (C, S) -> (P, S) contiguous, as a 1x1 convolution.
+    """query (P, C) @ support (C, S) -> (P, S) contiguous.
 
-    oneDNN's 1x1 convolution (the query as a channels-last (1, C, P, 1) map, the support
-    vectors as S filters) runs these products 2.1-2.4x faster than ``torch.mm`` (MKL) on
-    the AVX-512 AMD CPU measured here (2 threads: 395-431 vs 162-186 GFLOP/s for the
-    (2500 x 512) @ (512 x 576 ... 2880) products of a ResNet-50 episode at 400²); the
-    result is the same up to float rounding. Autocast applies as to any convolution.
-    Below ``_CONV_PRODUCT_FROM`` query positions (the deepest level, 13 x 13 at 400²) the
-    convolution was slower (127 vs 167 GFLOP/s) and ``torch.mm`` is used.
+    From ``_CONV_PRODUCT_FROM`` query positions on, as a oneDNN 1x1 convolution
+    (:func:`fss.models.matmul.matmul_as_conv`: level 2 of a ResNet-50 5-shot episode at
+    400², 197 -> 106 ms); below (the deepest level, 13 x 13 at 400²) the convolution was
+    slower and ``torch.mm`` is used.
     """
-    positions, channels = query.shape
-    if positions < _CONV_PRODUCT_FROM:
+    if query.shape[0] < _CONV_PRODUCT_FROM:
         return query @ support
-    maps = query.contiguous().view(1, positions, 1, channels).permute(0, 3, 1, 2)
-    filters = support.t().reshape(support.shape[1], channels, 1, 1)
-    return F.conv2d(maps, filters).permute(0, 2, 3, 1).reshape(positions, -1)
+    return matmul_as_conv(query, support)
 
 
 def _nonzero_box(norms: Tensor) -> tuple[int, int, int, int]:
