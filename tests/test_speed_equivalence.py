@@ -107,6 +107,15 @@ def test_small_support_maps_as_one_matrix_match_reference(kernel, stride, suppor
         torch.testing.assert_close(module(channels_last_6d(x)), reference_hsnet.conv4d(module, x),
                                    rtol=1e-5, atol=1e-5)
         assert module._support_matrix_cache is not cached
+    # Training after inference: the cached matrix has no graph, so it must not be reused.
+    leaf = channels_last_6d(x).requires_grad_(True)
+    grad = torch.randn(reference_hsnet.conv4d(module, x).shape)
+    got = torch.autograd.grad(module(leaf), [leaf, *module.parameters()], grad)
+    reference_leaf = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(reference_hsnet.conv4d(module, reference_leaf),
+                               [reference_leaf, *module.parameters()], grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not CenterPivotConv4d(8, 16, 3, 2)._windows_cover(4, 4)  # squeeze: windows differ
 
 

@@ -194,14 +194,14 @@ class CenterPivotConv4d(nn.Module):
 
         Channels-last input: channels-last convolution, channels-last 6D output; for maps
         that every kernel window covers whole (2x2 maps under a 3x3 kernel: the mixing
-        blocks at 400²), without autograd, one matrix product instead
+        blocks at 400²; 1x1 maps at small sizes), one matrix product instead
         (:meth:`_support_matrix`).
         Support-last input (the correlation, few channels): NCHW convolution on the free
         view; converting that large tensor to channels-last first costs more than it saves.
         """
         n, channels, ha, wa, hb, wb = x.shape
         conv = self.conv2
-        if is_channels_last_6d(x) and not torch.is_grad_enabled() and self._windows_cover(hb, wb):
+        if is_channels_last_6d(x) and self._windows_cover(hb, wb):
             # (N·Ha·Wa, Hb·Wb·C) rows, a view; the product is (N, Ha, Wa, Hb', Wb', C_out).
             matrix, bias = self._support_matrix(hb, wb, x.dtype)
             rows = x.permute(0, 2, 3, 4, 5, 1).reshape(n * ha * wa, hb * wb * channels)
@@ -235,21 +235,25 @@ class CenterPivotConv4d(nn.Module):
         channels-last maps, and the bias repeated per output position.
 
         The matrix is the convolution of the one-hot basis maps, so it is exact for any
-        kernel, stride and padding; it is cached until the weights change.
+        kernel, stride and padding, and differentiable. Without autograd it is cached until
+        the weights change.
         """
         weight, bias = self.conv2.weight, self.conv2.bias
+        # With autograd the matrix is part of this step's graph: built anew every call.
+        cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
         key = (hb, wb, dtype, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
-        if self._support_matrix_cache is not None and self._support_matrix_cache[0] == key:
-            return self._support_matrix_cache[1]
+        cached = self._support_matrix_cache
+        if cacheable and cached is not None and cached[0] == key:
+            return cached[1]
         channels = weight.shape[1]
         size = hb * wb * channels
         basis = torch.eye(size, dtype=dtype, device=weight.device)
         basis = basis.view(size, hb, wb, channels).permute(0, 3, 1, 2)
-        images = F.conv2d(basis, weight.to(dtype), None, self.conv2.stride, self.conv2.padding)
+        images = _conv2d(basis, weight.to(dtype), None, self.conv2.stride, self.conv2.padding)
         positions = images.shape[-2] * images.shape[-1]
         matrix = images.permute(0, 2, 3, 1).reshape(size, -1)
         entry = (matrix, bias.to(dtype).repeat(positions))
-        self._support_matrix_cache = (key, entry)
+        self._support_matrix_cache = (key, entry) if cacheable else None
         return entry
 
     def _query_branch(self, x: Tensor) -> Tensor:
