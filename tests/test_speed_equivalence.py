@@ -178,6 +178,27 @@ def test_boxed_levels_only_where_supports_are_masked() -> None:
         assert isinstance(hypercorrelation_pyramid(query, masked, [2])[0], torch.Tensor)
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_groupnorm6d_inference_in_chunks_and_in_place(inplace) -> None:
+    """Without autograd the statistics run in chunks (more positions than one chunk here)
+    and ``inplace`` writes over the input; the values are nn.GroupNorm's either way."""
+    torch.manual_seed(7)
+    norm = GroupNorm6d(4, 8, inplace=inplace)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(3, 8, 30, 30, 5, 4) * 2 + 1  # 18,000 positions: 3 chunks of <= 8192
+    expected = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    laid_out = channels_last_6d(x)
+    before = laid_out.clone()
+    with torch.no_grad():
+        out = norm(laid_out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out.data_ptr() == laid_out.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(laid_out, before)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_groupnorm6d_matches_groupnorm(channels_last) -> None:
     torch.manual_seed(2)

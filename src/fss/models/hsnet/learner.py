@@ -62,7 +62,8 @@ def conv4d_block(in_channels: int, spec: BlockSpec, kernel: str = "center_pivot"
     for out_channels, kernel_size, stride in zip(*spec, strict=True):
         layers += [
             build_conv4d(kernel, channels, out_channels, kernel_size, stride),
-            GroupNorm6d(GROUPNORM_GROUPS, out_channels),  # nn.GroupNorm, layout-preserving
+            # nn.GroupNorm, layout-preserving; in place on the conv's output (inference)
+            GroupNorm6d(GROUPNORM_GROUPS, out_channels, inplace=True),
             nn.ReLU(inplace=True),
         ]
         channels = out_channels
