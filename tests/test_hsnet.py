@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fss.models import HSNet
 from fss.models.backbones import FeatureBackbone
 from fss.models.hsnet import CenterPivotConv4d, convert_official_state_dict, vote
+from fss.models.hsnet.conv4d import channels_last_6d, is_channels_last_6d
 from fss.models.hsnet.learner import resize_query_dims
 
 OFFICIAL_PARAMETERS = {"vgg16": 2_570_018, "resnet50": 2_573_794, "resnet101": 2_587_394}
@@ -103,12 +104,15 @@ def test_center_pivot_equals_dense_4d_conv(kernel: int, stride: int, size) -> No
     torch.testing.assert_close(out, expected)
 
 
-def test_resize_query_dims_only_touches_query_dims() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resize_query_dims_only_touches_query_dims(channels_last) -> None:
     x = torch.randn(2, 3, 4, 5, 2, 3)
-    out = resize_query_dims(x, (7, 9))
+    out = resize_query_dims(channels_last_6d(x) if channels_last else x, (7, 9))
     assert out.shape == (2, 3, 7, 9, 2, 3)
-    expected = F.interpolate(x[..., 1, 2], size=(7, 9), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(out[..., 1, 2], expected)
+    assert is_channels_last_6d(out) == channels_last  # the layout the next 4D conv reads
+    for i, j in ((1, 2), (0, 0)):
+        expected = F.interpolate(x[..., i, j], size=(7, 9), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(out[..., i, j], expected)
 
 
 # ---------------------------------------------------------------- sizes
