@@ -75,10 +75,13 @@ def max_cosine_prior(query_features, support_features, support_masks):
 @contextlib.contextmanager
 def reference_mode():
     """Run HDMNet with the reference pieces: dense attention, per-shot dense priors and the
-    unfolded PSPNet (``FoldedCache.get`` returns the source module itself)."""
+    unfolded PSPNet (``FoldedCache.get`` returns the source module itself), whose head
+    computes the supports' feat5 over the whole map."""
     patches = [
         (fss.models.hdmnet.attention.MultiHeadAttention, "forward", multi_head_attention_forward),
         (fss.models.hdmnet.model, "max_cosine_prior", max_cosine_prior),
+        (fss.models.hdmnet.model, "_support_feat5",
+         lambda pspnet, layer4, masks: pspnet.feat5(layer4)),
         (fss.models.folding.FoldedCache, "get", lambda self, source: source),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]

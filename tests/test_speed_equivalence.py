@@ -34,6 +34,7 @@ from fss.models.hsnet.correlation import (
     correlation_product,
     hypercorrelation_pyramid,
 )
+from fss.models.pspnet import PSPNet
 from tests import reference_hdmnet, reference_hsnet
 
 LOGIT_TOLERANCE = 1e-4
@@ -366,6 +367,24 @@ def test_max_cosine_prior_matches_reference(mask) -> None:
     expected = reference_hdmnet.max_cosine_prior(query, supports, masks)
     torch.testing.assert_close(max_cosine_prior(query, supports, masks), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_pspnet_feat5_in_boxes_matches_feat5_inside() -> None:
+    """The supports' feat5 inside mask boxes only: the full map's values there (the 3x3
+    conv's halo zero-padded at borders), 0 elsewhere."""
+    torch.manual_seed(13)
+    model = PSPNet("resnet_small", strict_size=False).eval()
+    layer4 = torch.randn(4, model.stage_channels[4], 9, 8)
+    boxes = [(2, 6, 3, 7), (0, 9, 0, 2), (8, 9, 7, 8), (0, 0, 0, 0)]  # border, corner, empty
+    with torch.no_grad():
+        full = model.feat5(layer4)
+        boxed = model.feat5_in_boxes(layer4, boxes)
+    for index, (top, bottom, left, right) in enumerate(boxes):
+        inside = torch.zeros(9, 8, dtype=torch.bool)
+        inside[top:bottom, left:right] = True
+        torch.testing.assert_close(boxed[index][:, inside], full[index][:, inside],
+                                   rtol=1e-5, atol=1e-5)
+        assert not boxed[index][:, ~inside].any()
 
 
 @pytest.mark.parametrize(("shots", "matching", "mask_mode"),

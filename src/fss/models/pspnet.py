@@ -87,13 +87,16 @@ class PyramidPooling(nn.Module):
         )
         self.out_channels = in_channels + reduced * len(bins)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The bins' maps, each upsampled (bilinear, align_corners=True) to x's size."""
         size = x.shape[-2:]
-        pooled = [
+        return [
             F.interpolate(branch(x), size=size, mode="bilinear", align_corners=True)
             for branch in self.features
         ]
-        return torch.cat([x, *pooled], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, *self.pooled(x)], dim=1)
 
 
 @dataclass
@@ -194,6 +197,31 @@ class PSPNet(nn.Module):
     def feat5(self, layer4: torch.Tensor) -> torch.Tensor:
         """``cls[0:2](ppm(layer4))``: conv + BN, before the ReLU."""
         return self.cls[1](self.cls[0](self.ppm(layer4)))
+
+    def feat5_in_boxes(
+        self, layer4: torch.Tensor, boxes: list[tuple[int, int, int, int]]
+    ) -> torch.Tensor:
+        """``feat5`` of each image inside its box (top, bottom, left, right; ends
+        exclusive), 0 elsewhere: the values :meth:`feat5` gives there, for the price of the
+        box (the 3x3 conv reads a one-position halo, zero-padded at the map's border as
+        the full conv pads it). The pyramid pooling still sees the whole map."""
+        batch, _, height, width = layer4.shape
+        conv, norm = self.cls[0], self.cls[1]
+        out = layer4.new_zeros(batch, conv.out_channels, height, width)
+        pooled = self.ppm.pooled(layer4)
+        for index, (top, bottom, left, right) in enumerate(boxes):
+            if top == bottom or left == right:
+                continue
+            rows = slice(max(top - 1, 0), min(bottom + 1, height))
+            cols = slice(max(left - 1, 0), min(right + 1, width))
+            region = torch.cat([m[index : index + 1, :, rows, cols] for m in (layer4, *pooled)],
+                               dim=1)
+            region = F.pad(region, (cols.start - left + 1, right + 1 - cols.stop,
+                                    rows.start - top + 1, bottom + 1 - rows.stop))
+            region = region.contiguous(memory_format=torch.channels_last)
+            values = norm(F.conv2d(region, conv.weight, conv.bias))
+            out[index, :, top:bottom, left:right] = values[0]
+        return out
 
     def base_learner(self, feat5: torch.Tensor) -> torch.Tensor:
         """``cls[2:5]`` on ``feat5``: logits (B, num_classes, h, w) at feature resolution."""

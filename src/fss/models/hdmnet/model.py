@@ -37,13 +37,14 @@ explicit ``class_ids`` argument instead of the training flag.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fss.models.boxes import box_area, nonzero_box
 from fss.models.folding import FoldedCache
 from fss.models.hdmnet.attention import SelfAttentionStage
 from fss.models.hdmnet.distillation import correlation_distillation_loss
@@ -54,12 +55,34 @@ from fss.models.pspnet import IGNORE_INDEX, PSPFeatures, PSPNet, load_pspnet_che
 
 SUPPORT_MASK_MODES = ("image", "feature")
 MAX_STAGES = 4
+# A support's feat5 is computed inside its mask's box when some box is below this share of
+# the map (_support_feat5).
+_BOX_BELOW = 0.9
 # Per-stage settings; the official model uses the first three. The fourth (S4 ablation)
 # repeats the last stage's settings: stride-2 3×3 patch embedding, 8 heads, no reduction.
 STAGE_HEADS = (2, 4, 8, 8)
 STAGE_SR_RATIOS = (4, 2, 1, 1)
 STAGE_PATCH_SIZES = (1, 3, 3, 3)
 STAGE_STRIDES = (1, 2, 2, 2)
+
+
+def _support_feat5(pspnet: PSPNet, layer4: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The supports' feat5 (B·K, C, h, w) wherever the prior reads it.
+
+    The prior multiplies support features by the nearest-resized mask, so only positions
+    inside a support's mask matter. On a CPU, when some mask box is clearly smaller than
+    the map, feat5 (the PSPNet head's 3x3 conv over 4096 channels, the largest conv of the
+    pass) is computed inside each mask's bounding box only and is 0 elsewhere; otherwise,
+    and on accelerators (no host synchronisation), over the whole map.
+    """
+    if layer4.device.type != "cpu":
+        return pspnet.feat5(layer4)
+    height, width = layer4.shape[-2:]
+    small = F.interpolate(masks, size=(height, width), mode="nearest")[:, 0]
+    boxes = [nonzero_box(mask) for mask in small]
+    if all(box_area(box) >= _BOX_BELOW * height * width for box in boxes):
+        return pspnet.feat5(layer4)
+    return pspnet.feat5_in_boxes(layer4, boxes)
 
 
 def _parse_block(dim: int) -> nn.Sequential:
@@ -361,15 +384,19 @@ class HDMNet(nn.Module):
         with torch.no_grad():
             if layer3_mask is None:
                 images = torch.cat([query_img, flat_imgs]).contiguous(memory_format=channels_last)
-                both = pspnet.extract_features(images)
+                layers = pspnet.run_backbone(images)
                 batch = query_img.shape[0]
-                query = PSPFeatures(*(getattr(both, f.name)[:batch] for f in fields(both)))
-                support = PSPFeatures(*(getattr(both, f.name)[batch:] for f in fields(both)))
+                query_layers = [layer[:batch] for layer in layers]
+                support_layers = [layer[batch:] for layer in layers]
             else:
-                query = pspnet.extract_features(query_img.contiguous(memory_format=channels_last))
-                support = pspnet.extract_features(
+                query_layers = pspnet.run_backbone(
+                    query_img.contiguous(memory_format=channels_last))
+                support_layers = pspnet.run_backbone(
                     flat_imgs.contiguous(memory_format=channels_last), layer3_mask=layer3_mask
                 )
+            query = PSPFeatures(*query_layers, feat5=pspnet.feat5(query_layers[4]))
+            support = PSPFeatures(
+                *support_layers, feat5=_support_feat5(pspnet, support_layers[4], flat_masks))
         return query, support, flat_masks
 
     @staticmethod

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fss.models.boxes import box_area, nonzero_box
 from fss.models.matmul import matmul_as_conv
 
 # Added to the L2 norm before dividing, as the official code, so all-zero (masked-out)
@@ -170,10 +171,10 @@ def _level_in_place(
     pairs = batch * shots
     normalised = [(_normalised(q)[0].transpose(1, 2), *_normalised(s))
                   for q, s in zip(query_taps, support_taps, strict=True)]
-    boxes = [[_nonzero_box(norms[pair, 0].view(hb, wb)) for pair in range(pairs)]
+    boxes = [[nonzero_box(norms[pair, 0].view(hb, wb)) for pair in range(pairs)]
              for _, _, norms in normalised]
     full = (0, hb, 0, wb)
-    boxes = [[box if _area(box) < _PRUNE_BELOW * hb * wb else full for box in layer_boxes]
+    boxes = [[box if box_area(box) < _PRUNE_BELOW * hb * wb else full for box in layer_boxes]
              for layer_boxes in boxes]
     pruned = any(box != full for layer_boxes in boxes for box in layer_boxes)
     if boxed and pruned:
@@ -220,7 +221,7 @@ def _boxed_level(
         members = [pair for pair in range(first, first + shots) if boxes[pair][0] != boxes[pair][1]]
         if not members:
             continue
-        areas = [_area(boxes[pair]) for pair in members]
+        areas = [box_area(boxes[pair]) for pair in members]
         buffer = normalised[0][0].new_empty(ha * wa, layers, sum(areas))
         for slot, (query, support, _) in enumerate(normalised):
             columns = torch.cat([
@@ -260,21 +261,6 @@ def correlation_product(query: Tensor, support: Tensor) -> Tensor:
     if query.shape[0] < _CONV_PRODUCT_FROM:
         return query @ support
     return matmul_as_conv(query, support)
-
-
-def _nonzero_box(norms: Tensor) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) bounding the non-zero entries of a 2D map, ends
-    exclusive; (0, 0, 0, 0) if there are none."""
-    rows = norms.amax(dim=1).nonzero()
-    if rows.numel() == 0:
-        return 0, 0, 0, 0
-    columns = norms.amax(dim=0).nonzero()
-    return int(rows[0, 0]), int(rows[-1, 0]) + 1, int(columns[0, 0]), int(columns[-1, 0]) + 1
-
-
-def _area(box: tuple[int, int, int, int]) -> int:
-    top, bottom, left, right = box
-    return (bottom - top) * (right - left)
 
 
 def _level_plain(
