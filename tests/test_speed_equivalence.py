@@ -34,6 +34,7 @@ from fss.models.hsnet.correlation import (
     correlation_product,
     hypercorrelation_pyramid,
 )
+from fss.models.matmul import matmul_as_conv
 from fss.models.pspnet import PSPNet
 from tests import reference_hdmnet, reference_hsnet
 
@@ -166,6 +167,18 @@ def test_correlation_product_matches_matmul(positions) -> None:
     got = correlation_product(query, support)
     assert got.shape == (positions, 70) and got.is_contiguous()
     torch.testing.assert_close(got, query @ support, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("positions", "channels", "columns"),
+                         [(500, 32, 7), (3, 32, 0), (0, 32, 5), (10, 0, 4)])
+def test_matmul_as_conv_matches_matmul(positions, channels, columns) -> None:
+    """Bias included; an empty side (no support rows kept, say) falls back to matmul."""
+    torch.manual_seed(positions + columns)
+    rows, matrix, bias = (torch.randn(positions, channels), torch.randn(channels, columns),
+                          torch.randn(columns))
+    got = matmul_as_conv(rows, matrix, bias)
+    assert got.shape == (positions, columns)
+    torch.testing.assert_close(got, rows @ matrix + bias, rtol=1e-5, atol=1e-4)
 
 
 def test_boxed_levels_only_where_supports_are_masked() -> None:

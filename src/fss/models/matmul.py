@@ -17,6 +17,9 @@ def matmul_as_conv(rows: Tensor, matrix: Tensor, bias: Tensor | None = None) -> 
     matmul up to float rounding; autocast applies as to any convolution.
     """
     positions, channels = rows.shape
+    if 0 in (positions, channels, matrix.shape[1]):  # a convolution needs filters and input
+        out = rows @ matrix
+        return out if bias is None else out + bias
     maps = rows.contiguous().view(1, positions, 1, channels).permute(0, 3, 1, 2)
     filters = matrix.t().reshape(matrix.shape[1], channels, 1, 1)
     return F.conv2d(maps, filters, bias).permute(0, 2, 3, 1).reshape(positions, -1)
