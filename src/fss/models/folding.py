@@ -62,6 +62,13 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
     return folded.to(memory_format=torch.channels_last)
 
 
+def tensors_key(tensors) -> tuple:
+    """Identifies the current contents of ``tensors``: storage, in-place version, device and
+    dtype of each. It changes whenever a tensor is replaced or modified in place (optimizer
+    steps, ``load_state_dict``, ``.to``), so values derived from them can be cached on it."""
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
 class FoldedCache:
     """The folded, channels-last copy of a frozen module, rebuilt when the module changes."""
 
@@ -70,10 +77,7 @@ class FoldedCache:
         self._module: nn.Module | None = None
 
     def get(self, source: nn.Module) -> nn.Module:
-        key = tuple(
-            (tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype)
-            for tensor in itertools.chain(source.parameters(), source.buffers())
-        )
+        key = tensors_key(itertools.chain(source.parameters(), source.buffers()))
         if key != self._key or self._module is None:
             self._module = fold_batchnorms(source)
             self._key = key

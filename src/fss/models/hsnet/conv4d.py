@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fss.models.folding import tensors_key
 from fss.models.hsnet.correlation import BoxedCorrelation
 from fss.models.matmul import matmul_as_conv
 
@@ -241,7 +242,7 @@ class CenterPivotConv4d(nn.Module):
         weight, bias = self.conv2.weight, self.conv2.bias
         # With autograd the matrix is part of this step's graph: built anew every call.
         cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
-        key = (hb, wb, dtype, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+        key = (hb, wb, dtype, tensors_key((weight, bias)))
         cached = self._support_matrix_cache
         if cacheable and cached is not None and cached[0] == key:
             return cached[1]
