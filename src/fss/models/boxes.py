@@ -5,6 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right), ends exclusive
+# Work is pruned to a box only below this fraction of the map: above it, cropping and
+# per-support bookkeeping cost more than the few skipped positions save.
+PRUNE_BELOW = 0.9
 
 
 def nonzero_box(values: Tensor) -> Box:
@@ -19,3 +22,8 @@ def nonzero_box(values: Tensor) -> Box:
 def box_area(box: Box) -> int:
     top, bottom, left, right = box
     return (bottom - top) * (right - left)
+
+
+def worth_pruning(box: Box, height: int, width: int) -> bool:
+    """Whether a box covers less than :data:`PRUNE_BELOW` of a height x width map."""
+    return box_area(box) < PRUNE_BELOW * height * width

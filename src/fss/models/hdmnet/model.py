@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.models.boxes import box_area, nonzero_box
+from fss.models.boxes import nonzero_box, worth_pruning
 from fss.models.folding import FoldedCache
 from fss.models.hdmnet.attention import SelfAttentionStage
 from fss.models.hdmnet.distillation import correlation_distillation_loss
@@ -55,9 +55,6 @@ from fss.models.pspnet import IGNORE_INDEX, PSPFeatures, PSPNet, load_pspnet_che
 
 SUPPORT_MASK_MODES = ("image", "feature")
 MAX_STAGES = 4
-# A support's feat5 is computed inside its mask's box when some box is below this share of
-# the map (_support_feat5).
-_BOX_BELOW = 0.9
 # Per-stage settings; the official model uses the first three. The fourth (S4 ablation)
 # repeats the last stage's settings: stride-2 3×3 patch embedding, 8 heads, no reduction.
 STAGE_HEADS = (2, 4, 8, 8)
@@ -80,7 +77,7 @@ def _support_feat5(pspnet: PSPNet, layer4: torch.Tensor, masks: torch.Tensor) ->
     height, width = layer4.shape[-2:]
     small = F.interpolate(masks, size=(height, width), mode="nearest")[:, 0]
     boxes = [nonzero_box(mask) for mask in small]
-    if all(box_area(box) >= _BOX_BELOW * height * width for box in boxes):
+    if not any(worth_pruning(box, height, width) for box in boxes):
         return pspnet.feat5(layer4)
     return pspnet.feat5_in_boxes(layer4, boxes)
 

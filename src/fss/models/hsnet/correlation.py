@@ -8,15 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fss.models.boxes import box_area, nonzero_box
+from fss.models.boxes import box_area, nonzero_box, worth_pruning
 from fss.models.matmul import matmul_as_conv
 
 # Added to the L2 norm before dividing, as the official code, so all-zero (masked-out)
 # support vectors give a zero correlation instead of NaN.
 NORM_EPS = 1e-5
-# Below this fraction of the support positions, only the box holding the non-zero ones is
-# multiplied.
-_PRUNE_BELOW = 0.9
 # Query positions from which a correlation product runs as a 1x1 convolution
 # (correlation_product).
 _CONV_PRODUCT_FROM = 400
@@ -174,7 +171,7 @@ def _level_in_place(
     boxes = [[nonzero_box(norms[pair, 0].view(hb, wb)) for pair in range(pairs)]
              for _, _, norms in normalised]
     full = (0, hb, 0, wb)
-    boxes = [[box if box_area(box) < _PRUNE_BELOW * hb * wb else full for box in layer_boxes]
+    boxes = [[box if worth_pruning(box, hb, wb) else full for box in layer_boxes]
              for layer_boxes in boxes]
     pruned = any(box != full for layer_boxes in boxes for box in layer_boxes)
     if boxed and pruned:
