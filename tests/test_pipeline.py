@@ -76,12 +76,13 @@ def test_resume_from_last_checkpoint_and_test_only_mode(compose_cfg, shared_cach
     again = run(compose_cfg([*SHORT, "mode=test", f"ckpt_path={last}"], cache_dir=shared_cache))
     assert again["mIoU"] == first["mIoU"] and again["episodes"] == first["episodes"] == 6
 
-    # Resuming continues the step counter instead of starting over.
+    # Resuming for more epochs than the checkpoint's run (a changed setting, allowed
+    # explicitly) continues the step counter instead of starting over.
     resumed_dir = tmp_path / "resumed"
     from tests.conftest import compose_config
 
-    cfg = compose_config([*SHORT, "trainer.max_epochs=2", f"ckpt_path={last}"], resumed_dir,
-                         shared_cache)
+    cfg = compose_config([*SHORT, "trainer.max_epochs=2", f"ckpt_path={last}",
+                          "resume.allow_changes=true"], resumed_dir, shared_cache)
     run(cfg)
     state = torch.load(resumed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 * steps_one_epoch

@@ -40,6 +40,7 @@ from fss.models.official import (
     unwrap_state_dict,
 )
 from fss.models.psp_backbones import load_matching_state_dict
+from fss.resume import check_resume, result_settings
 from fss.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def describe_run(cfg: DictConfig, datamodule: Any, eval_resolution: str) -> dict
                     "base": [int(c) for c in datamodule.base_classes]},
         "input": {"image_size": image_size, "mean": list(IMAGENET_MEAN),
                   "std": list(IMAGENET_STD), "layout": "RGB, (B, 3, H, W), ImageNet-normalised"},
+        # Every setting that can change a result: a resumed run is checked against them.
+        "settings": result_settings(cfg),
     }
 
 
@@ -302,7 +305,8 @@ def restore_command_line(argv: list[str]) -> tuple[list[str], list[str]]:
 def inspect_run_checkpoint(cfg: DictConfig) -> InspectedCheckpoint:
     """The run's ``ckpt_path``, checked against the config (before anything is built).
 
-    mode=train resumes Lightning checkpoints only. mode=test: an fss checkpoint must name
+    mode=train resumes Lightning checkpoints only, under the settings they were trained
+    with (:func:`fss.resume.check_resume`). mode=test: an fss checkpoint must name
     the configured model and backbone (other differences are logged: the configured
     values are used); an official file must fit the configured model, backbone, shot and
     class count, each mismatch naming the override that fixes it.
@@ -312,8 +316,10 @@ def inspect_run_checkpoint(cfg: DictConfig) -> InspectedCheckpoint:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is an {inspected.official.layout.describe()}; "
                           "mode=train resumes this package's Lightning checkpoints only: "
                           "evaluate it with mode=test")
-    if inspected.kind == "fss" and cfg.mode == "train":
-        log.info("Resuming from %s: %s", cfg.ckpt_path, summary(inspected.info))
+    if cfg.mode == "train":
+        if inspected.info is not None:
+            log.info("Resuming from %s: %s", cfg.ckpt_path, summary(inspected.info))
+        check_resume(cfg, inspected.info, str(cfg.ckpt_path))
     elif inspected.kind == "fss":
         _check_fss(cfg, inspected.info)
     elif inspected.kind == "lightning":

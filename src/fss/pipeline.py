@@ -115,7 +115,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = inspect_run_checkpoint(cfg) if cfg.ckpt_path else None
 
     datamodule = instantiate(cfg.data.module)
-    weights = resolve_backbone_weights(cfg)
+    # A resumed fit restores every weight from its checkpoint, the frozen trunk included:
+    # the stage that made the trunk (or base learner) is neither run nor needed.
+    resuming = cfg.mode == "train" and checkpoint is not None
+    weights = None if resuming else resolve_backbone_weights(cfg)
     # A stage that just trained (the base-class trunk) consumed random numbers that a run
     # finding it cached does not: seed again so both build and train the same model.
     L.seed_everything(cfg.seed, workers=True)
@@ -137,6 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         val_class_ids=getattr(datamodule, "val_classes", None),
         run_info=describe_run(cfg, datamodule, eval_resolution),  # saved in its checkpoints
         compile=bool(cfg.model.get("compile", False)),
+        seed=cfg.seed,
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainable = bool(cfg.model.get("trainable", True))

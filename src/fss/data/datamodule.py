@@ -7,6 +7,10 @@ Seeds (all episodes and images are pure functions of ``(seed, epoch, index)``):
   ``(epoch, index)`` keys and Lightning calls its ``set_epoch`` at the start of every
   epoch, so workers can stay alive between epochs (``persistent_workers``) and still
   produce the new epoch's items;
+- resuming: a checkpoint stores the training position (the next epoch and the batches of
+  it already trained, :meth:`FewShotDataModule.state_dict`); the resumed run's loader starts
+  exactly there. Lightning creates the first training iterator of a resumed fit before it
+  calls ``set_epoch``, so the position must be in the sampler when the loader is built;
 - validation: ``val_seed`` (default ``seed + 1``), epoch 0, the same every epoch;
 - test: ``test_seed`` (default ``seed + 2``), epoch 0. Pin ``test_seed`` to compare
   runs of different training seeds on identical test episodes.
@@ -21,8 +25,11 @@ the summed metric would count them twice.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fss.data import folds
@@ -57,21 +64,64 @@ class EpochSampler(Sampler[tuple[int, int]]):
     the datasets accept ``(epoch, index)`` keys (:class:`~fss.data.episodes.EpisodicDataset`).
     """
 
-    def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1, epoch: int = 0):
+    def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 start: int = 0):
         count = len(dataset)
         per_rank = -(-count // world_size)
         self.indices = [i % count for i in range(rank, per_rank * world_size, world_size)]
         self.epoch = check_non_negative("epoch", epoch)
+        self.start = check_non_negative("start", start)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_non_negative("epoch", epoch)
+        """Moves to ``epoch``; a new epoch starts at its first item (a resumed epoch keeps
+        the items it skips: Lightning calls this again with the same epoch)."""
+        epoch = check_non_negative("epoch", epoch)
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
 
     def __iter__(self):
         epoch = self.epoch
-        return iter([(epoch, index) for index in self.indices])
+        # The rest of a resumed epoch; its length stays that of a whole epoch because
+        # Lightning counts the batches already trained (batch_progress) towards it.
+        return iter([(epoch, index) for index in self.indices[self.start:]])
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class TrainingPosition(NamedTuple):
+    """Where training goes on: ``epoch`` and the ``batches`` of it already trained."""
+
+    epoch: int
+    batches: int
+
+    @classmethod
+    def of(cls, trainer: L.Trainer) -> TrainingPosition:
+        """The position after what ``trainer`` has trained so far, read while a checkpoint
+        is saved (after a training batch, at the end of validation or of an epoch)."""
+        epoch = int(trainer.current_epoch)  # epochs completed before the current one
+        batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if batches >= trainer.num_training_batches:
+            return cls(epoch + 1, 0)
+        return cls(epoch, batches)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that tells Lightning it can resume mid-epoch (``state_dict`` /
+    ``load_state_dict``): its state is the :class:`TrainingPosition` of the trainer."""
+
+    def __init__(self, *args, datamodule: _SourceDataModule, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._datamodule = datamodule
+
+    def state_dict(self) -> dict[str, int]:
+        return self._datamodule.training_position()._asdict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        position = TrainingPosition(**state)
+        self.sampler.set_epoch(position.epoch)
+        self.sampler.start = position.batches * int(self.batch_size)
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -106,6 +156,7 @@ class _SourceDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         # Persistent workers need workers.
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self._resume_position: TrainingPosition | None = None
 
     @property
     def base_classes(self) -> list[int]:
@@ -120,27 +171,45 @@ class _SourceDataModule(L.LightningDataModule):
         """Classes of the validation episodes (the novel ones, except for FSS-1000)."""
         return self.source.val_classes(self.fold)
 
-    def training_epoch(self) -> int:
-        """The trainer's current epoch (0 without a trainer): the epoch of training items."""
-        trainer = self.trainer
-        return 0 if trainer is None else int(trainer.current_epoch)
+    def training_position(self) -> TrainingPosition:
+        """Where training stands while the trainer fits (the start of epoch 0 otherwise)."""
+        return TrainingPosition.of(self.trainer) if self._fitting() else TrainingPosition(0, 0)
+
+    def _loader_position(self) -> TrainingPosition:
+        """Where a new training loader starts: the position restored from a checkpoint
+        (once), else the start of the trainer's current epoch."""
+        position, self._resume_position = self._resume_position, None
+        if position is not None:
+            return position
+        return TrainingPosition(0 if self.trainer is None else int(self.trainer.current_epoch), 0)
+
+    def _fitting(self) -> bool:
+        # The whole of trainer.fit, its validation included (checkpoints are saved there).
+        return self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint of a fit (Lightning calls it)."""
+        if not self._fitting():
+            return {}
+        return {"training_position": TrainingPosition.of(self.trainer)._asdict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the resumed fit builds its training loader."""
+        position = state_dict.get("training_position")
+        self._resume_position = None if position is None else TrainingPosition(**position)
 
     def _loader(self, dataset: Dataset, batch_size: int, evaluation: bool = False) -> DataLoader:
         rank, world = _distributed() or (0, 1)
+        options = dict(batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                       pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+                       collate_fn=collate_episodes)
         if evaluation:
             sampler = EvalShardSampler(dataset, rank, world) if world > 1 else None
-        else:
-            sampler = EpochSampler(dataset, rank, world, epoch=self.training_epoch())
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_episodes,
-        )
+            return DataLoader(dataset, sampler=sampler, **options)
+        position = self._loader_position()
+        sampler = EpochSampler(dataset, rank, world, epoch=position.epoch,
+                               start=position.batches * batch_size)
+        return ResumableLoader(dataset, sampler=sampler, datamodule=self, **options)
 
 
 class FewShotDataModule(_SourceDataModule):

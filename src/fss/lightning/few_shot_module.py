@@ -46,6 +46,9 @@ class FewShotModule(L.LightningModule):
             checkpoint under ``"fss"`` so that it can be tested and used without its config.
         compile: ``torch.compile`` every trainable child of ``model`` in place
             (:func:`compile_trainable_children`; config ``model.compile``).
+        seed: when set, every training step starts from random states that are a function
+            of ``(seed, global step)`` alone (dropout, any sampling inside the model), so a
+            run resumed from a checkpoint draws what the uninterrupted run drew.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class FewShotModule(L.LightningModule):
         val_class_ids: Sequence[int] | None = None,
         run_info: dict[str, Any] | None = None,
         compile: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -82,10 +86,15 @@ class FewShotModule(L.LightningModule):
         self.val_iou = FewShotIoU(self.val_class_ids)
         self.test_iou = FewShotIoU(self.eval_class_ids)
         self.run_info = run_info
+        self.seed = None if seed is None else int(seed)
         if compile:
             compile_trainable_children(self.model)
 
     # -- training ---------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.seed is not None:
+            seed_step(self.seed, self.global_step)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         extra = {}
         if self._loss_takes_class_ids:
@@ -185,6 +194,18 @@ def compile_trainable_children(model: nn.Module, **options: Any) -> list[str]:
             child.compile(**options)
             names.append(name)
     return names
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Seeds torch (every device), numpy and ``random`` from ``(seed, step)``."""
+    import random
+
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, step]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[1]))
 
 
 def _argmax_of_single_shot(logits: torch.Tensor) -> torch.Tensor:
