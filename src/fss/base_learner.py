@@ -47,6 +47,7 @@ from fss.models.psp_backbones import PSP_BACKBONES
 from fss.models.pspnet import PSPNet, load_pspnet_checkpoint, pspnet_state_dict_from_checkpoint
 from fss.utils.errors import ConfigError
 from fss.utils.filelock import file_lock
+from fss.utils.ranks import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,12 @@ def obtain_base_learner(cfg: DictConfig, train_if_missing: bool) -> tuple[Path, 
         return path, meta, False
 
     path = base_learner_path(cfg)
+    if not is_global_zero() and train_if_missing and not path.exists():
+        # A DDP rank > 0: rank 0 holds the lock while its fit waits for this process to join,
+        # so train along without the lock; rank 0 saves the checkpoint (train_base_learner).
+        with _preserved_rng():
+            meta = train_base_learner(cfg, path)
+        return path, meta, True
     with file_lock(path.parent.with_suffix(".lock")):
         if path.exists():
             meta = verify_checkpoint(path, cfg, num_classes)
@@ -310,6 +317,9 @@ def train_base_learner(cfg: DictConfig, path: Path) -> dict:
     elapsed = time.perf_counter() - start
 
     state = best.state if best.state is not None else net.state_dict()
+    if not trainer.is_global_zero:  # under DDP rank 0 writes the checkpoint; wait until it has
+        trainer.strategy.barrier("base-learner-saved")
+        return json.loads((path.parent / "meta.json").read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"state_dict": state}, tmp)
@@ -332,6 +342,7 @@ def train_base_learner(cfg: DictConfig, path: Path) -> dict:
     (path.parent / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("Base learner saved to %s (base-class val mIoU %s, %.0f s)",
              path, meta["val_miou_base"], elapsed)
+    trainer.strategy.barrier("base-learner-saved")
     return meta
 
 
@@ -384,6 +395,7 @@ def run_base_learner(cfg: DictConfig) -> dict[str, Any]:
         "tags": list(cfg.get("tags") or []),
         "status": "ok",
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("Wrote %s", output_dir / "metrics.json")
+    if is_global_zero():  # under DDP every rank gets here with the same numbers
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("Wrote %s", output_dir / "metrics.json")
     return metrics

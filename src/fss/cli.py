@@ -23,6 +23,7 @@ def run_job(cfg: DictConfig) -> float | None:
     """
     from fss.pipeline import print_summary, run
     from fss.utils.memory import retain_freed_memory
+    from fss.utils.ranks import is_global_zero
 
     _single_log_stream()
     if cfg.get("retain_freed_memory", True):
@@ -40,7 +41,8 @@ def run_job(cfg: DictConfig) -> float | None:
         raise
     finally:
         _finish_wandb()
-    print_summary(metrics)
+    if is_global_zero():  # under DDP every rank runs the job; rank 0 reports it
+        print_summary(metrics)
     return metrics["mIoU"]
 
 
@@ -69,6 +71,10 @@ def _drop_advertisements(record: logging.LogRecord) -> bool:
 
 
 def _write_failure(cfg: DictConfig, error: BaseException) -> None:
+    from fss.utils.ranks import is_global_zero
+
+    if not is_global_zero():  # under DDP rank 0 records the job's failure
+        return
     try:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)

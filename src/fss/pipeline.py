@@ -195,8 +195,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         metrics["test_seed"] = getattr(datamodule, "test_seed", None)
     failure = _verify(cfg, metrics)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("Wrote %s", output_dir / "metrics.json")
+    if trainer.is_global_zero:  # under DDP every rank gets here with the same numbers
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("Wrote %s", output_dir / "metrics.json")
     if failure:
         raise RegressionError(failure)
     return metrics

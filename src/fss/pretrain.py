@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fss.lightning import SegmentationModule
 from fss.models.segmenter import PyramidSegmenter
 from fss.utils.filelock import file_lock
+from fss.utils.ranks import is_global_zero
 
 log = logging.getLogger(__name__)
 DEFAULT_HEAD_LEVELS = (2, 3, 4)
@@ -58,6 +59,12 @@ def pretrained_backbone_path(cfg: DictConfig) -> Path:
 def ensure_pretrained_backbone(cfg: DictConfig) -> Path:
     """Returns the cached trunk for this config, training it first if it does not exist."""
     path = pretrained_backbone_path(cfg)
+    if not is_global_zero():
+        # A DDP rank > 0: rank 0 holds the lock while its fit waits for this process to join,
+        # so train along without the lock; rank 0 saves the trunk (see _train_backbone).
+        if not path.exists():
+            _train_backbone(cfg, path)
+        return path
     with file_lock(path.parent.with_suffix(".lock")):
         if path.exists():
             log.info("Reusing base-class pretrained backbone %s", path)
@@ -93,6 +100,9 @@ def _train_backbone(cfg: DictConfig, path: Path) -> None:
     trainer.fit(module, datamodule=datamodule)
     elapsed = time.perf_counter() - start
     val_miou = trainer.callback_metrics.get("pretrain/val_miou")
+    if not trainer.is_global_zero:  # under DDP rank 0 writes the trunk; wait until it has
+        trainer.strategy.barrier("pretrained-backbone-saved")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(net.backbone_state_dict(), tmp)
@@ -110,3 +120,4 @@ def _train_backbone(cfg: DictConfig, path: Path) -> None:
     (path.parent / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("Pretrained backbone saved to %s (base-class val mIoU %s, %.0f s)",
              path, meta["val_miou_base"], elapsed)
+    trainer.strategy.barrier("pretrained-backbone-saved")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fss.lightning.optim import lightning_optimizers
+from fss.lightning.sync import log_reduced, log_step_and_epoch
 from fss.metrics import FewShotIoU
 
 EVAL_RESOLUTIONS = ("network", "original")
@@ -107,8 +108,8 @@ class FewShotModule(L.LightningModule):
         batch_size = batch["query_img"].shape[0]
         for name, value in out.items():
             if name != "logits" and torch.is_tensor(value) and value.dim() == 0:
-                self.log(f"train/{name}", value.detach(), prog_bar=name == "loss",
-                         on_step=True, on_epoch=True, batch_size=batch_size)
+                log_step_and_epoch(self, f"train/{name}", value.detach(), batch_size,
+                                   prog_bar=name == "loss")
         return out["loss"]
 
     # -- evaluation -------------------------------------------------------------------
@@ -154,13 +155,13 @@ class FewShotModule(L.LightningModule):
         self._evaluate(batch, self.test_iou)
 
     def _log_metric(self, stage: str, metric: FewShotIoU) -> None:
-        values = metric.compute()
-        self.log(f"{stage}/miou", values["miou"], prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/fbiou", values["fbiou"], prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/episodes", values["episodes"].float(), sync_dist=False)
+        values = metric.compute()  # summed over all ranks: the same values on each of them
+        log_reduced(self, f"{stage}/miou", values["miou"], prog_bar=True)
+        log_reduced(self, f"{stage}/fbiou", values["fbiou"], prog_bar=True)
+        log_reduced(self, f"{stage}/episodes", values["episodes"].float())
         for class_id, iou in zip(metric.class_ids, values["class_iou"].tolist(), strict=True):
-            if iou == iou:  # skip NaN (class not seen)
-                self.log(f"{stage}/iou_class{class_id}", iou, sync_dist=False)
+            if iou == iou:  # skip NaN (class not seen); the same classes on every rank
+                log_reduced(self, f"{stage}/iou_class{class_id}", iou)
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from fss.data.transforms import IGNORE_INDEX
 from fss.lightning.optim import lightning_optimizers
+from fss.lightning.sync import log_reduced, log_step_and_epoch
 
 
 class SegmentationModule(L.LightningModule):
@@ -34,8 +35,8 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
-        self.log("pretrain/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=batch["image"].shape[0])
+        log_step_and_epoch(self, "pretrain/loss", loss.detach(), batch["image"].shape[0],
+                           prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -43,7 +44,8 @@ class SegmentationModule(L.LightningModule):
         self.val_iou.update(logits.argmax(1), batch["label"])
 
     def on_validation_epoch_end(self) -> None:
-        self.log("pretrain/val_miou", self.val_iou.compute() * 100, prog_bar=True)
+        # compute() sums the confusion matrix over all ranks: the same value on each of them
+        log_reduced(self, "pretrain/val_miou", self.val_iou.compute() * 100, prog_bar=True)
         self.val_iou.reset()
 
     def configure_optimizers(self):
