@@ -40,5 +40,7 @@ def restore_from_checkpoint(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from fss.cli import guarded
+
     sys.argv[1:] = restore_from_checkpoint(sys.argv[1:])
-    main()
+    guarded(main)

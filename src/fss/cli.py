@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -30,20 +34,92 @@ def run_job(cfg: DictConfig) -> float | None:
         retain_freed_memory()
     try:
         metrics = run(cfg)
-    except ConfigError as error:
-        _write_failure(cfg, error)
-        print(f"error: {error}", file=sys.stderr)
-        if _in_multirun():
-            raise  # Hydra records it per job and carries on; exiting here would end the sweep
-        sys.exit(2)
     except Exception as error:
-        _write_failure(cfg, error)
-        raise
+        user_error = as_config_error(error)
+        _write_failure(cfg, user_error or error)
+        if user_error is None:
+            raise
+        if is_global_zero() or not _in_multirun():
+            print(f"error: {user_error}", file=sys.stderr)
+        if _in_multirun():
+            raise user_error from None  # Hydra records it per job and carries on
+        sys.exit(2)
     finally:
         _finish_wandb()
     if is_global_zero():  # under DDP every rank runs the job; rank 0 reports it
         print_summary(metrics)
     return metrics["mIoU"]
+
+
+def as_config_error(error: BaseException) -> ConfigError | None:
+    """The one-line user error that ``error`` is, or None for anything else (a bug).
+
+    - a :class:`ConfigError` (a :class:`DataError` too), also when a loader worker raised it
+      (PyTorch re-raises it in the main process with the worker's whole traceback in the
+      message: only the original sentence is kept);
+    - a ValueError, TypeError or ConfigError raised by a constructor that Hydra's
+      ``instantiate`` called: the message, prefixed by the config key that was built.
+    """
+    from hydra.errors import InstantiationException
+
+    if isinstance(error, ConfigError):
+        message = worker_message(str(error))
+        return error if message == str(error) else type(error)(message)
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__
+        if isinstance(cause, ValueError | TypeError):
+            key = re.search(r"full_key: (\S+)", str(error))
+            message = worker_message(str(cause)).rstrip(".")
+            return ConfigError(f"{key.group(1)}: {message}" if key else message)
+    return None
+
+
+def worker_message(text: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (its last
+    traceback line without the exception's name); ``text`` unchanged otherwise."""
+    if "Original Traceback" not in text:
+        return " ".join(text.split())
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+
+
+def condensed(error: BaseException) -> str:
+    """A Hydra / OmegaConf composition error (a bad override, an unknown group option) on
+    one line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    texts = [str(error)]
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        texts.append(str(error.__cause__))
+    parts = []
+    for text in texts:
+        text = text.split("Config search path:")[0]  # Hydra's search path, not the error
+        lines = [line.strip() for line in text.splitlines()]
+        options = [line for line in text.splitlines() if line.startswith("\t")]
+        for line in lines:
+            if not line or line.startswith(("full_key:", "object_type=", "reference_type=")):
+                continue
+            if options and line in {o.strip() for o in options}:
+                continue
+            parts.append(line)
+        if options:
+            parts[-1] = parts[-1].rstrip(":") + ": " + ", ".join(o.strip() for o in options)
+    return "; ".join(part.rstrip(".;") for part in dict.fromkeys(parts))
+
+
+def guarded(hydra_main: Callable[[], Any]) -> None:
+    """Runs the Hydra main function; a composition error (bad override, unknown config
+    option, wrong type) is printed as one line and exits with status 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Hydra then raises composition errors instead of printing them over several lines.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"error: {condensed(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _in_multirun() -> bool:
