@@ -76,10 +76,13 @@ def check_episode(
     support_masks: Tensor,
     *,
     allow_empty_support: bool = False,
+    size_check: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Check one batch of episodes; returns ``support_masks`` in the images' dtype.
 
-    Raises :class:`~fss.utils.errors.InputError` (see the module docstring).
+    ``size_check(H, W)``, a model's own size rule, runs after the layout checks and before
+    the value checks. Raises :class:`~fss.utils.errors.InputError` (see the module
+    docstring).
     """
     _check_is_tensor("query_img", query_img)
     _check_is_tensor("support_imgs", support_imgs)
@@ -90,6 +93,8 @@ def check_episode(
     _check_support_layout(support_imgs)
     _check_supports_match_query(query_img, support_imgs)
     _check_mask_layout(support_masks, query_img, support_imgs)
+    if size_check is not None:
+        size_check(*query_img.shape[-2:])
     masks = support_masks.to(query_img.dtype)
     if not tracing() and query_img.device.type != "meta":
         _check_values(query_img, support_imgs, support_masks, masks, allow_empty_support)
