@@ -97,9 +97,9 @@ CASES = [
     ("uint8_supports", lambda q, s, m: (q, _uint8(s), m),
      ["support_imgs must be floating-point", "torch.uint8", "image_to_tensor"]),
     ("nan_query", _nan_in_query,
-     ["query_img must be finite, got 1 non-finite values (1 NaN, 0 inf; first at episode 1)"]),
+     ["query_img must be finite, got 1 non-finite value (1 NaN, 0 inf; first at episode 1)"]),
     ("inf_supports", _inf_in_supports,
-     ["support_imgs must be finite, got 1 non-finite values (0 NaN, 1 inf; first at "
+     ["support_imgs must be finite, got 1 non-finite value (0 NaN, 1 inf; first at "
       "episode 0, shot 1)"]),
     ("hwc_query", lambda q, s, m: (q.permute(0, 2, 3, 1), s, m),
      ["query_img must be (B, 3, H, W), got shape (2, {S}, {S}, 3), a channels-last "

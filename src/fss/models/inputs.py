@@ -110,11 +110,11 @@ def check_query_mask(query_mask: Tensor, query_img: Tensor) -> None:
     shape = tuple(query_mask.shape)
     if shape != expected:
         if query_mask.dim() == 4 and shape[1] == 1 and (shape[0], *shape[2:]) == expected:
-            hint = "a channel dimension; pass query_mask.squeeze(1)"
+            hint = ", a channel dimension; pass query_mask.squeeze(1)"
         else:
-            hint = "pass one label map per query image, at its size"
+            hint = "; pass one label map per query image, at its size"
         raise InputError(
-            f"query_mask must be (B, H, W) = {expected} like query_img, got shape {shape}, {hint}")
+            f"query_mask must be (B, H, W) = {expected} like query_img, got shape {shape}{hint}")
     if query_mask.is_complex():
         raise InputError(
             f"query_mask must be an integer, bool or float label map, got dtype {query_mask.dtype}; "
@@ -160,7 +160,7 @@ def _check_query_layout(query_img: Tensor) -> None:
     elif dim == 3 and shape[-1] == 3:
         hint = "one (H, W, 3) HWC image; pass query_img.permute(2, 0, 1).unsqueeze(0)"
     elif dim == 4:
-        hint = f"{shape[1]} channels; pass 3-channel RGB images"
+        hint = f"{_count(shape[1], 'channel')}; pass 3-channel RGB images"
     else:
         hint = f"a {dim}-d tensor; pass one (B, 3, H, W) batch of RGB query images"
     raise InputError(f"query_img must be (B, 3, H, W), got shape {shape}, {hint}")
@@ -181,7 +181,7 @@ def _check_support_layout(support_imgs: Tensor) -> None:
         hint = ("a (B, H, W, 3) HWC layout without a shot dimension; pass "
                 "support_imgs.permute(0, 3, 1, 2).unsqueeze(1)")
     elif dim == 5:
-        hint = f"{shape[2]} channels; pass 3-channel RGB images"
+        hint = f"{_count(shape[2], 'channel')}; pass 3-channel RGB images"
     else:
         hint = f"a {dim}-d tensor; pass K RGB support images per episode"
     raise InputError(f"support_imgs must be (B, K, 3, H, W), got shape {shape}, {hint}")
@@ -213,16 +213,16 @@ def _check_mask_layout(support_masks: Tensor, query_img: Tensor, support_imgs: T
     shape, dim = tuple(support_masks.shape), support_masks.dim()
     if shape != expected:
         if dim == 3 and shots == 1 and shape == (batch, height, width):
-            hint = "no shot dimension; pass support_masks.unsqueeze(1)"
+            hint = ", no shot dimension; pass support_masks.unsqueeze(1)"
         elif dim == 5 and shape[2] == 1 and (*shape[:2], *shape[3:]) == expected:
-            hint = "a channel dimension (B, K, 1, H, W); pass support_masks.squeeze(2)"
+            hint = ", a channel dimension (B, K, 1, H, W); pass support_masks.squeeze(2)"
         elif dim == 5 and shape[-1] == 1 and shape[:4] == expected:
-            hint = "a trailing channel dimension (B, K, H, W, 1); pass support_masks.squeeze(-1)"
+            hint = ", a trailing channel dimension (B, K, H, W, 1); pass support_masks.squeeze(-1)"
         else:
-            hint = "pass one mask per support image, at the images' size"
+            hint = "; pass one mask per support image, at the images' size"
         raise InputError(
             f"support_masks must be (B, K, H, W) = {expected} like the images, got shape "
-            f"{shape}, {hint}")
+            f"{shape}{hint}")
     if support_masks.is_complex():
         raise InputError(
             f"support_masks must be float, bool or integer with values in {{0, 1}}, got dtype "
@@ -265,7 +265,7 @@ def _check_values(
         episode, shot = _first(binary != flat.shape[2])
         raise InputError(
             f"support_masks must hold only 0 and 1, got values {_format_values(support_masks)} "
-            f"(first at episode {episode}, shot {shot}), {_mask_hint(support_masks)}")
+            f"(first at episode {episode}, shot {shot}){_mask_hint(support_masks)}")
     if empty and not allow_empty_support:
         empties = (foreground == 0).nonzero().tolist()
         episode, shot = empties[0]
@@ -284,20 +284,24 @@ def _raise_non_finite(name: str, image: Tensor, episode_dims: int) -> None:
     where = _first(bad.flatten(episode_dims).any(dim=episode_dims))
     position = ("episode {}" if episode_dims == 1 else "episode {}, shot {}").format(*where)
     raise InputError(
-        f"{name} must be finite, got {count} non-finite values ({nans} NaN, {count - nans} "
-        f"inf; first at {position}); fix the loading or normalisation that produced them "
+        f"{name} must be finite, got {_count(count, 'non-finite value')} ({nans} NaN, "
+        f"{count - nans} inf; first at {position}); fix the loading or normalisation that produced them "
         "(e.g. a division by a zero std)")
 
 
 def _mask_hint(support_masks: Tensor) -> str:
     values = set(torch.unique(support_masks.float()).tolist())
     if values <= {0.0, float(IGNORE_LABEL)}:
-        return ("a 0/255 image mask; binarise it with support_masks = (support_masks > 0).float() "
-                "or divide it by 255")
+        return (", a 0/255 image mask; binarise it with support_masks = "
+                "(support_masks > 0).float() or divide it by 255")
     if values <= {0.0, 1.0, float(IGNORE_LABEL)}:
-        return (f"{IGNORE_LABEL} looks like the ignore label; keep the foreground with "
+        return (f", {IGNORE_LABEL} looks like the ignore label; keep the foreground with "
                 "support_masks = (support_masks == 1).float()")
-    return "binarise it, e.g. support_masks = (support_masks > 0.5).float()"
+    return "; binarise it, e.g. support_masks = (support_masks > 0.5).float()"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _first(flags: Tensor) -> Sequence[int]:
