@@ -215,7 +215,7 @@ def test_k_shot_voting_rule(monkeypatch) -> None:
             [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
         ]
     ).view(3, 3, 1, 4)
-    monkeypatch.setattr(model, "per_shot_logits", lambda *args: _logits_from_masks(shots))
+    monkeypatch.setattr(model, "per_shot_logits", lambda *args, **kwargs: _logits_from_masks(shots))
     prediction = model.predict(*_episode(3, 3))
     expected = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]).view(3, 1, 4)
     assert prediction.dtype == torch.int64

@@ -281,7 +281,7 @@ def test_hsnet_logits_match_reference(name, size, shots) -> None:
     masks = _box_masks(2, shots, size)
     masks[1, 0] = 0  # a support with an empty mask
     with torch.inference_mode():
-        fast = model.per_shot_logits(query, supports, masks)
+        fast = model.per_shot_logits(query, supports, masks, allow_empty_support=True)
         expected = reference_hsnet.per_shot_logits(model, query, supports, masks)
     error = (fast - expected).abs().max().item()
     assert error <= LOGIT_TOLERANCE
@@ -411,23 +411,24 @@ def test_hdmnet_matches_reference(shots, matching, mask_mode) -> None:
     query = torch.randn(2, 3, size, size, generator=generator)
     supports = torch.randn(2, shots, 3, size, size, generator=generator)
     masks = _box_masks(2, shots, size)
-    masks[1, 0] = 0
+    masks[1, 0] = 0  # a support with an empty mask
     target = torch.zeros(2, size, size, dtype=torch.long)
     target[:, 10:40, 20:50] = 1
     with torch.no_grad():
-        fast = model(query, supports, masks)
+        fast = model(query, supports, masks, allow_empty_support=True)
         with reference_hdmnet.reference_mode():
-            expected = model(query, supports, masks)
+            expected = model(query, supports, masks, allow_empty_support=True)
     assert (fast - expected).abs().max().item() <= LOGIT_TOLERANCE
 
     model.train()
     torch.manual_seed(12)
-    loss = model.training_loss(query, supports, masks, target)["loss"]
+    loss = model.training_loss(query, supports, masks, target, allow_empty_support=True)["loss"]
     params = [p for p in model.parameters() if p.requires_grad]
     fast_grads = torch.autograd.grad(loss, params)
     torch.manual_seed(12)  # the same dropout masks
     with reference_hdmnet.reference_mode():
-        reference_loss = model.training_loss(query, supports, masks, target)["loss"]
+        reference_loss = model.training_loss(
+            query, supports, masks, target, allow_empty_support=True)["loss"]
     reference_grads = torch.autograd.grad(reference_loss, params)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
     for got, want in zip(fast_grads, reference_grads, strict=True):

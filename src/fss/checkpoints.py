@@ -185,8 +185,10 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     Official files: see :func:`fss.models.official.load_official`.
 
     ``model.predict(query_img, support_imgs, support_masks)`` takes ImageNet-normalised
-    RGB images (B, 3, H, W) / (B, K, 3, H, W) and binary masks (B, K, H, W) at the size in
-    ``checkpoint_info["input"]`` and returns (B, H, W) masks in {0, 1}.
+    RGB images (B, 3, H, W) / (B, K, 3, H, W) and binary masks (B, K, H, W) in {0, 1}, each
+    with some foreground unless ``allow_empty_support=True``, at the size in
+    ``checkpoint_info["input"]`` and returns (B, H, W) masks in {0, 1}; bad inputs raise
+    :class:`~fss.utils.errors.InputError` (``docs/errors.md``).
     """
     inspected = inspect_checkpoint(path)
     if inspected.official is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fss.data.transforms import IGNORE_INDEX, denormalize
+from fss.models.inputs import empty_support_kwargs
 
 FOREGROUND_RGB = (0, 230, 60)    # mask overlays
 IGNORE_RGB = (255, 255, 255)     # ignored pixels of the ground truth
@@ -82,7 +83,8 @@ class PredictionOverlays(L.Callback):
         query = batch["query_img"][:wanted]
         supports, support_masks = batch["support_imgs"][:wanted], batch["support_masks"][:wanted]
         with trainer.precision_plugin.val_step_context():
-            predictions = pl_module.model.predict(query, supports, support_masks)
+            predict = pl_module.model.predict
+            predictions = predict(query, supports, support_masks, **empty_support_kwargs(predict))
         for i in range(query.shape[0]):
             self._episodes.append(Episode(
                 query=query[i].float().cpu(), support=supports[i, 0].float().cpu(),

@@ -18,6 +18,7 @@ from torch import nn
 from fss.lightning.optim import lightning_optimizers
 from fss.lightning.sync import log_reduced, log_step_and_epoch
 from fss.metrics import FewShotIoU
+from fss.models.inputs import empty_support_kwargs
 
 EVAL_RESOLUTIONS = ("network", "original")
 
@@ -101,6 +102,8 @@ class FewShotModule(L.LightningModule):
         if self._loss_takes_class_ids:
             class_ids = batch["class_id"].clamp(max=self._base_index.numel() - 1)
             extra["class_ids"] = self._base_index[class_ids]
+        # Dataset episodes: a support can lose its whole object when resized.
+        extra.update(empty_support_kwargs(self.model.training_loss))
         out = self.model.training_loss(
             batch["query_img"], batch["support_imgs"], batch["support_masks"], batch["query_mask"],
             **extra,
@@ -123,7 +126,8 @@ class FewShotModule(L.LightningModule):
                 height, width = size
                 metric.update(pred[None], target[None, :height, :width], class_id[None])
             return
-        preds = self.model.predict(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        preds = self.model.predict(batch["query_img"], batch["support_imgs"], batch["support_masks"],
+                                   **empty_support_kwargs(self.model.predict))
         metric.update(preds, batch["query_mask"], batch["class_id"])
 
     @torch.no_grad()
@@ -136,9 +140,10 @@ class FewShotModule(L.LightningModule):
         if per_shot is not None:
             from fss.models.hsnet.model import vote  # the K-shot rule of per-shot models
 
-            logits = per_shot(*inputs)  # (B, K, 2, H, W)
+            logits = per_shot(*inputs, **empty_support_kwargs(per_shot))  # (B, K, 2, H, W)
         else:
-            logits = self.model(*inputs).unsqueeze(1)  # (B, 1, 2, H, W): argmax
+            # (B, 1, 2, H, W): argmax
+            logits = self.model(*inputs, **empty_support_kwargs(self.model)).unsqueeze(1)
             vote = _argmax_of_single_shot
         preds = []
         for sample_logits, (height, width) in zip(logits, batch["query_size_orig"].tolist(),

@@ -18,6 +18,7 @@ from torch import nn
 
 from fss.metrics import FewShotIoU
 from fss.models.backbones import build_backbone
+from fss.models.inputs import check_episode
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class PrototypeBaseline(nn.Module):
         weights: backbone weights (``none``, ``imagenet`` or a torchvision-format file).
         level: pyramid level whose post-ReLU output is matched (2 = stride 8).
         threshold: decision threshold on the cosine map (set by :meth:`calibrate`).
+
+    ``similarity``, ``forward`` and ``predict`` take and check the episode as HSNet and
+    HDMNet do (:func:`fss.models.inputs.check_episode`): {0, 1} support masks, non-empty
+    unless ``allow_empty_support=True`` (an empty support's prototype is then zero).
     """
 
     def __init__(self, backbone: str = "resnet18", weights: str | None = None, level: int = 2,
@@ -46,12 +51,15 @@ class PrototypeBaseline(nn.Module):
 
     @torch.no_grad()
     def similarity(self, query_img: torch.Tensor, support_imgs: torch.Tensor,
-                   support_masks: torch.Tensor) -> torch.Tensor:
+                   support_masks: torch.Tensor, *,
+                   allow_empty_support: bool = False) -> torch.Tensor:
         """(B,3,H,W), (B,K,3,H,W), (B,K,H,W) -> cosine map (B,H,W) in [-1, 1]."""
+        support_masks = check_episode(query_img, support_imgs, support_masks,
+                                      allow_empty_support=allow_empty_support)
         batch, shots = support_imgs.shape[:2]
         query = self._features(query_img)
         support = self._features(support_imgs.flatten(0, 1))
-        masks = F.interpolate(support_masks.flatten(0, 1).unsqueeze(1).float(),
+        masks = F.interpolate(support_masks.flatten(0, 1).unsqueeze(1),
                               size=support.shape[-2:], mode="bilinear", align_corners=True)
         prototypes = (support * masks).sum((2, 3)) / (masks.sum((2, 3)) + 1e-5)
         prototype = prototypes.view(batch, shots, -1).mean(1)
@@ -59,20 +67,27 @@ class PrototypeBaseline(nn.Module):
         return F.interpolate(cosine.unsqueeze(1), size=query_img.shape[-2:], mode="bilinear",
                              align_corners=True).squeeze(1)
 
-    def forward(self, query_img, support_imgs, support_masks) -> torch.Tensor:
+    def forward(self, query_img, support_imgs, support_masks, *,
+                allow_empty_support: bool = False) -> torch.Tensor:
         """2-class scores (B,2,H,W) whose argmax is the thresholded prediction."""
-        margin = self.similarity(query_img, support_imgs, support_masks) - self.threshold
+        margin = self.similarity(query_img, support_imgs, support_masks,
+                                 allow_empty_support=allow_empty_support) - self.threshold
         return torch.stack([-margin, margin], dim=1)
 
-    def predict(self, query_img, support_imgs, support_masks) -> torch.Tensor:
-        return (self.similarity(query_img, support_imgs, support_masks) > self.threshold).long()
+    def predict(self, query_img, support_imgs, support_masks, *,
+                allow_empty_support: bool = False) -> torch.Tensor:
+        cosine = self.similarity(query_img, support_imgs, support_masks,
+                                 allow_empty_support=allow_empty_support)
+        return (cosine > self.threshold).long()
 
     def calibrate(self, batches: Iterable[dict[str, torch.Tensor]], thresholds: int = 41) -> float:
-        """Picks the threshold in [0, 1] with the best mIoU over the given (base) episodes."""
+        """Picks the threshold in [0, 1] with the best mIoU over the given (base) episodes
+        (dataset episodes: an empty support mask is accepted)."""
         candidates = np.linspace(0.0, 1.0, thresholds)
         meters = [_GrowingIoU() for _ in candidates]
         for batch in batches:
-            cosine = self.similarity(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+            cosine = self.similarity(batch["query_img"], batch["support_imgs"], batch["support_masks"],
+                                     allow_empty_support=True)
             for meter, threshold in zip(meters, candidates, strict=True):
                 meter.update((cosine > threshold).long(), batch["query_mask"], batch["class_id"])
         if not meters[0].meters:
@@ -101,16 +116,22 @@ class _GrowingIoU:
 
 
 class AllForeground(nn.Module):
-    """Predicts foreground everywhere: the floor any few-shot model must clear."""
+    """Predicts foreground everywhere: the floor any few-shot model must clear. It checks
+    its inputs like every model (:func:`fss.models.inputs.check_episode`) but ignores them."""
 
-    def forward(self, query_img, support_imgs, support_masks) -> torch.Tensor:
+    def forward(self, query_img, support_imgs, support_masks, *,
+                allow_empty_support: bool = False) -> torch.Tensor:
+        check_episode(query_img, support_imgs, support_masks,
+                      allow_empty_support=allow_empty_support)
         batch, _, height, width = query_img.shape
         logits = torch.zeros(batch, 2, height, width, device=query_img.device)
         logits[:, 1] = 1.0
         return logits
 
-    def predict(self, query_img, support_imgs, support_masks) -> torch.Tensor:
-        return self.forward(query_img, support_imgs, support_masks).argmax(1)
+    def predict(self, query_img, support_imgs, support_masks, *,
+                allow_empty_support: bool = False) -> torch.Tensor:
+        return self.forward(query_img, support_imgs, support_masks,
+                            allow_empty_support=allow_empty_support).argmax(1)
 
 
 def calibrate_on_base_episodes(model: PrototypeBaseline, datamodule, episodes: int = 200,

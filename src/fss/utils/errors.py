@@ -12,3 +12,9 @@ class DataError(ConfigError):
 
 class RegressionError(RuntimeError):
     """A run's score is outside the tolerance its configuration expects."""
+
+
+class InputError(ValueError):
+    """A tensor passed to a model's public entry point (``forward``, ``predict``, ...) has
+    the wrong layout, dtype or values; the one-sentence message names the argument, what
+    was found, what is expected and how to fix it (``docs/errors.md``, "Model API")."""

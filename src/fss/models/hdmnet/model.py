@@ -51,6 +51,7 @@ from fss.models.hdmnet.distillation import correlation_distillation_loss
 from fss.models.hdmnet.ensemble import BaseLearnerEnsemble, gram_distance
 from fss.models.hdmnet.matching import MATCHING_MODES, MatchingStage
 from fss.models.hdmnet.priors import masked_average_pool, max_cosine_prior
+from fss.models.inputs import check_episode, check_query_mask
 from fss.models.pspnet import IGNORE_INDEX, PSPFeatures, PSPNet, load_pspnet_checkpoint
 
 SUPPORT_MASK_MODES = ("image", "feature")
@@ -241,6 +242,15 @@ class HDMNet(nn.Module):
         strict_size: require (H − 1) % 8 == 0 (see ``fss.models.pspnet``).
         head_channels: width of the PSPNet ``cls`` conv (default 512; 128 for
             ``resnet_small``) — must match the checkpoint.
+
+    Inputs of every entry point (``forward``, ``predict``, ``training_loss``,
+    ``correlation_maps``): ``query_img`` (B, 3, H, W) and ``support_imgs`` (B, K, 3, H, W),
+    floating-point and ImageNet-normalised (``fss.data.transforms.image_to_tensor``), all
+    finite; ``support_masks`` (B, K, H, W), float, bool or integer with values in {0, 1}
+    only. A 0/255 mask is rejected (binarise it with ``(mask > 0).float()``), and so is an
+    all-zero support mask unless ``allow_empty_support=True`` (its prototype and priors
+    are then zero). Bad inputs raise :class:`~fss.utils.errors.InputError` with a
+    one-sentence message (:mod:`fss.models.inputs`, ``docs/errors.md``).
     """
 
     def __init__(
@@ -343,28 +353,10 @@ class HDMNet(nn.Module):
         return self
 
     # ------------------------------------------------------------------------- the pass
-    @staticmethod
-    def _check_inputs(
-        query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
-    ) -> None:
-        if query_img.dim() != 4 or support_imgs.dim() != 5 or support_masks.dim() != 4:
-            raise ValueError(
-                "expected query_img (B,3,H,W), support_imgs (B,K,3,H,W), support_masks (B,K,H,W); got "
-                f"{tuple(query_img.shape)}, {tuple(support_imgs.shape)}, {tuple(support_masks.shape)}"
-            )
-        batch, shots = support_imgs.shape[:2]
-        if query_img.shape[0] != batch or support_masks.shape[:2] != (batch, shots):
-            raise ValueError("query_img, support_imgs and support_masks disagree on B or K")
-        if (
-            support_imgs.shape[-2:] != query_img.shape[-2:]
-            or support_masks.shape[-2:] != query_img.shape[-2:]
-        ):
-            raise ValueError("query and support images and masks must share one size H×W")
-
     def _backbone_features(self, query_img, support_imgs, support_masks):
-        """Frozen features of the query and of the B·K supports (no_grad)."""
-        # (B·K, 1, H, W) binary
-        flat_masks = (support_masks.flatten(0, 1) == 1).to(query_img.dtype).unsqueeze(1)
+        """Frozen features of the query and of the B·K supports (no_grad); ``support_masks``
+        checked, {0, 1} in the images' dtype."""
+        flat_masks = support_masks.flatten(0, 1).unsqueeze(1)  # (B·K, 1, H, W)
         flat_imgs = support_imgs.flatten(0, 1)
         layer3_mask = None
         if self.use_support_mask and self.support_mask_mode == "image":
@@ -412,8 +404,22 @@ class HDMNet(nn.Module):
         support_imgs: torch.Tensor,
         support_masks: torch.Tensor,
         class_ids: torch.Tensor | None = None,
+        allow_empty_support: bool = False,
     ) -> HDMNetOutput:
-        self._check_inputs(query_img, support_imgs, support_masks)
+        """Check the episode (:func:`fss.models.inputs.check_episode`), then run it."""
+        support_masks = check_episode(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        )
+        return self._forward_checked(query_img, support_imgs, support_masks, class_ids)
+
+    def _forward_checked(
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> HDMNetOutput:
+        """One pass over a checked episode (``support_masks`` {0, 1} in the images' dtype)."""
         batch, shots = support_imgs.shape[:2]
         query, support, flat_masks = self._backbone_features(query_img, support_imgs, support_masks)
 
@@ -466,19 +472,33 @@ class HDMNet(nn.Module):
 
     # ------------------------------------------------------------------------ contract
     def forward(
-        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        *,
+        allow_empty_support: bool = False,
     ) -> torch.Tensor:
         """query_img (B,3,H,W), support_imgs (B,K,3,H,W), support_masks (B,K,H,W) →
         logits (B,2,H,W) (ensemble scores; CE / argmax are taken on them as logits)."""
-        parts = self._forward_parts(query_img, support_imgs, support_masks)
+        parts = self._forward_parts(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        )
         return self._upsample(parts.final, query_img.shape[-2:])
 
     @torch.no_grad()
     def predict(
-        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        *,
+        allow_empty_support: bool = False,
     ) -> torch.Tensor:
         """(B,H,W) int64 in {0, 1}."""
-        logits = self(query_img, support_imgs, support_masks)
+        logits = self(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        )
         # = argmax over the 2 classes (ties -> 0), much faster than argmax on a CPU.
         return (logits[:, 1] > logits[:, 0]).long()
 
@@ -489,8 +509,10 @@ class HDMNet(nn.Module):
         support_masks: torch.Tensor,
         query_mask: torch.Tensor,
         class_ids: torch.Tensor | None = None,
+        *,
+        allow_empty_support: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """query_mask (B,H,W) int64: 1 target, 0 other, 255 ignore.
+        """query_mask (B,H,W) int64: 1 target, 0 other, 255 ignore (no other value).
 
         ``class_ids`` (B,) int64, optional: 0-based index of each episode's class in the
         fold's base-class list (``fss.data.folds.base_classes(...).index(class_id)``, i.e.
@@ -499,7 +521,11 @@ class HDMNet(nn.Module):
         episodes, not for test episodes.
 
         Returns ``loss``, ``logits`` (B,2,H,W), ``ce_final``, ``ce_meta``, ``distill``."""
-        parts = self._forward_parts(query_img, support_imgs, support_masks, class_ids)
+        support_masks = check_episode(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        )
+        check_query_mask(query_mask, query_img)
+        parts = self._forward_checked(query_img, support_imgs, support_masks, class_ids)
         size = query_img.shape[-2:]
         target = query_mask.long()
         final = self._upsample(parts.final, size)
@@ -529,10 +555,17 @@ class HDMNet(nn.Module):
         }
 
     def correlation_maps(
-        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        *,
+        allow_empty_support: bool = False,
     ) -> list[torch.Tensor]:
         """Per-stage correlation maps C' (B, h_l, w_l), coarse → fine (15², 30², 60² at 473²)."""
-        return self._forward_parts(query_img, support_imgs, support_masks).correlations
+        return self._forward_parts(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        ).correlations
 
     def trainable_parameters(self) -> list[dict]:
         """Optimizer groups: the transformer at the base lr, the reduction / merge layers

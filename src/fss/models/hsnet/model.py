@@ -14,7 +14,8 @@ from fss.models.backbones import FeatureBackbone, build_backbone
 from fss.models.folding import FoldedCache
 from fss.models.hsnet.correlation import hypercorrelation_pyramid, mask_features
 from fss.models.hsnet.learner import HypercorrelationLearner
-from fss.utils.errors import ConfigError
+from fss.models.inputs import check_episode, check_query_mask
+from fss.utils.errors import ConfigError, InputError
 
 MIN_SIZE = 32
 SIZE_MULTIPLE = 8
@@ -46,8 +47,15 @@ class HSNet(nn.Module):
         finetune_backbone: train the backbone too (paper Fig. 9), its BatchNorm statistics
             still frozen, at the optimizer's lr x ``backbone_lr_scale`` (1e-3 x 0.01 = 1e-5).
 
-    Shapes: ``query_img`` (B, 3, H, W), ``support_imgs`` (B, K, 3, H, W), ``support_masks``
-    (B, K, H, W) in {0, 1}; H and W multiples of 8 and at least 32 (the paper uses 400×400).
+    Inputs of every entry point (``forward``, ``predict``, ``per_shot_logits``,
+    ``training_loss``): ``query_img`` (B, 3, H, W) and ``support_imgs`` (B, K, 3, H, W),
+    floating-point and ImageNet-normalised (``fss.data.transforms.image_to_tensor``), all
+    finite; ``support_masks`` (B, K, H, W), float, bool or integer with values in {0, 1}
+    only; H and W multiples of 8 and at least 32 (the paper uses 400×400). A 0/255 mask is
+    rejected (binarise it with ``(mask > 0).float()``), and so is an all-zero support mask
+    unless ``allow_empty_support=True`` (its masked features are then all zero). Bad inputs
+    raise :class:`~fss.utils.errors.InputError` with a one-sentence message
+    (:mod:`fss.models.inputs`, ``docs/errors.md``).
     """
 
     def __init__(
@@ -85,19 +93,29 @@ class HSNet(nn.Module):
 
     # ------------------------------------------------------------------ model contract
     def per_shot_logits(
-        self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor
+        self,
+        query_img: Tensor,
+        support_imgs: Tensor,
+        support_masks: Tensor,
+        *,
+        allow_empty_support: bool = False,
     ) -> Tensor:
         """The 1-shot model applied to each support: (B, K, 2, H, W) logits.
 
         The query is encoded once for all K shots and the B·K supports go through the
         backbone as one batch; the learner then runs on B·K (query, support) pairs.
         """
-        batch, shots, _, height, width = _validate(query_img, support_imgs, support_masks)
+        masks = _validate(query_img, support_imgs, support_masks, allow_empty_support)
+        return self._per_shot_logits(query_img, support_imgs, masks)
+
+    def _per_shot_logits(self, query_img: Tensor, support_imgs: Tensor, masks: Tensor) -> Tensor:
+        """:meth:`per_shot_logits` of a checked episode (``masks`` in the images' dtype)."""
+        batch, shots, _, height, width = support_imgs.shape
         # Without autograd the learner's first 4D convs read partly masked-out levels as
         # boxes (fss.models.hsnet.correlation.BoxedCorrelation) instead of mostly-zero tensors.
         boxed = not torch.is_grad_enabled()
         support_imgs = support_imgs.flatten(0, 1)
-        support_masks = support_masks.flatten(0, 1).to(support_imgs.dtype)
+        support_masks = masks.flatten(0, 1)
         # The backbone is frozen: no graph through it, which saves most of the memory.
         with contextlib.nullcontext() if self.finetune_backbone else torch.no_grad():
             query_features, support_features = self._encode(query_img, support_imgs)
@@ -124,7 +142,14 @@ class HSNet(nn.Module):
         batch = query_img.shape[0]
         return [f[:batch] for f in features], [f[batch:] for f in features]
 
-    def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Tensor:
+    def forward(
+        self,
+        query_img: Tensor,
+        support_imgs: Tensor,
+        support_masks: Tensor,
+        *,
+        allow_empty_support: bool = False,
+    ) -> Tensor:
         """Segmentation logits (B, 2, H, W) of the query (channel 1 = foreground).
 
         K = 1: the official output (learner logits upsampled bilinearly, align_corners=True,
@@ -132,34 +157,48 @@ class HSNet(nn.Module):
         aggregate for training or soft outputs. The official K-shot rule is the vote of
         :meth:`predict`, which is what evaluation should use.
         """
-        return self.per_shot_logits(query_img, support_imgs, support_masks).mean(dim=1)
+        return self.per_shot_logits(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        ).mean(dim=1)
 
     @torch.no_grad()
-    def predict(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Tensor:
+    def predict(
+        self,
+        query_img: Tensor,
+        support_imgs: Tensor,
+        support_masks: Tensor,
+        *,
+        allow_empty_support: bool = False,
+    ) -> Tensor:
         """Binary query mask (B, H, W) int64 in {0, 1}.
 
         K = 1: argmax of the logits. K > 1 (official ``predict_mask_nshot``): sum the K
         per-shot argmax masks, divide by the episode's highest vote (floored at 1), and
         call foreground where the ratio is >= 0.5.
         """
-        logits = self.per_shot_logits(query_img, support_imgs, support_masks)
+        logits = self.per_shot_logits(
+            query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
+        )
         return vote(logits)
 
     def training_loss(
-        self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor, query_mask: Tensor
+        self,
+        query_img: Tensor,
+        support_imgs: Tensor,
+        support_masks: Tensor,
+        query_mask: Tensor,
+        *,
+        allow_empty_support: bool = False,
     ) -> dict[str, Tensor]:
         """Mean cross-entropy of the (B, 2, H, W) logits against the binarised query mask.
 
-        ``query_mask`` (B, H, W) int64: 1 = foreground; everything else, including the
-        ignore value 255, is background, as in the official training (no ignore_index).
-        Returns ``{"loss", "logits", "ce"}``.
+        ``query_mask`` (B, H, W) int64 in {0, 1, 255}: 1 = foreground; everything else,
+        including the ignore value 255, is background, as in the official training (no
+        ignore_index). Returns ``{"loss", "logits", "ce"}``.
         """
-        logits = self(query_img, support_imgs, support_masks)
-        if query_mask.shape != (logits.shape[0], *logits.shape[-2:]):
-            raise ValueError(
-                f"query_mask must be (B, H, W) = {(logits.shape[0], *logits.shape[-2:])}, "
-                f"got {tuple(query_mask.shape)}"
-            )
+        masks = _validate(query_img, support_imgs, support_masks, allow_empty_support)
+        check_query_mask(query_mask, query_img)
+        logits = self._per_shot_logits(query_img, support_imgs, masks).mean(dim=1)
         target = (query_mask == 1).long()
         ce = F.cross_entropy(logits, target)
         return {"loss": ce, "logits": logits, "ce": ce}
@@ -263,32 +302,23 @@ def vote(per_shot_logits: Tensor) -> Tensor:
 
 
 def _validate(
-    query_img: Tensor, support_imgs: Tensor, support_masks: Tensor
-) -> tuple[int, int, int, int, int]:
-    """Check the episode tensors; returns (B, K, 3, H, W)."""
-    if query_img.dim() != 4 or query_img.shape[1] != 3:
-        raise ValueError(f"query_img must be (B, 3, H, W), got {tuple(query_img.shape)}")
-    batch, _, height, width = query_img.shape
-    expected_support = (batch, 3, height, width)
-    if (
-        support_imgs.dim() != 5
-        or (support_imgs.shape[0], *support_imgs.shape[2:]) != expected_support
-    ):
-        raise ValueError(
-            f"support_imgs must be (B, K, 3, H, W) = ({batch}, K, 3, {height}, {width}) like "
-            f"the query, got {tuple(support_imgs.shape)}"
-        )
-    shots = support_imgs.shape[1]
-    if shots < 1:
-        raise ValueError("support_imgs has K = 0 shots; at least one support is needed")
-    if support_masks.shape != (batch, shots, height, width):
-        raise ValueError(
-            f"support_masks must be (B, K, H, W) = ({batch}, {shots}, {height}, {width}), "
-            f"got {tuple(support_masks.shape)}"
-        )
+    query_img: Tensor, support_imgs: Tensor, support_masks: Tensor, allow_empty_support: bool
+) -> Tensor:
+    """The shared episode checks (:func:`fss.models.inputs.check_episode`) and HSNet's size
+    rule; returns the support masks in the images' dtype."""
+    return check_episode(
+        query_img,
+        support_imgs,
+        support_masks,
+        allow_empty_support=allow_empty_support,
+        size_check=_check_size,
+    )
+
+
+def _check_size(height: int, width: int) -> None:
     if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or min(height, width) < MIN_SIZE:
-        raise ValueError(
-            f"HSNet needs H and W to be multiples of {SIZE_MULTIPLE} and at least {MIN_SIZE}, "
-            f"got {height}x{width}; resize the episode (the paper uses 400x400)"
+        raise InputError(
+            f"query_img and the supports must be H x W with H and W multiples of {SIZE_MULTIPLE} "
+            f"and at least {MIN_SIZE} for HSNet, got {height}x{width}; resize the episode (the "
+            "paper uses 400x400)"
         )
-    return batch, shots, 3, height, width
