@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from fss.utils.errors import ConfigError
 
 log = logging.getLogger("fss")
+_TASK_STARTED = False  # set when Hydra has composed the config and called the job
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -29,6 +30,8 @@ def run_job(cfg: DictConfig) -> float | None:
     from fss.utils.memory import retain_freed_memory
     from fss.utils.ranks import is_global_zero
 
+    global _TASK_STARTED
+    _TASK_STARTED = True
     _single_log_stream()
     if cfg.get("retain_freed_memory", True):
         retain_freed_memory()
@@ -67,6 +70,8 @@ def as_config_error(error: BaseException) -> ConfigError | None:
         return error if message == str(error) else type(error)(message)
     if isinstance(error, InstantiationException):
         cause = error.__cause__
+        if isinstance(cause, ConfigError):  # names its key already
+            return type(cause)(worker_message(str(cause)))
         if isinstance(cause, ValueError | TypeError):
             key = re.search(r"full_key: (\S+)", str(error))
             message = worker_message(str(cause)).rstrip(".")
@@ -118,6 +123,8 @@ def guarded(hydra_main: Callable[[], Any]) -> None:
     try:
         hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
+        if _TASK_STARTED:
+            raise  # raised by the job itself, not by composing its config: a bug to trace
         print(f"error: {condensed(error)}", file=sys.stderr)
         sys.exit(2)
 

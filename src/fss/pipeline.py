@@ -32,8 +32,27 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers")
 MODES = ("train", "test")
 
 
+SEED_KEYS = ("seed", "data.module.seed", "data.module.val_seed", "data.module.test_seed",
+             "data.semantic.seed", "data.semantic.val_seed", "base_learner.seed")
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+LEGACY_PRECISIONS = ("32", "16", "64", "bf16")  # Lightning still takes them
+
+
 def validate(cfg: DictConfig) -> None:
-    """Cheap checks that would otherwise fail deep inside a worker or torch."""
+    """Every setting the run will use that can be checked without building anything, checked
+    before any stage runs: one :class:`ConfigError` (one line: the key, what was wrong, what
+    is accepted) for the first bad value. Constructors check the rest when the run builds
+    them, still before any stage (``fss.cli`` prints those as one line too)."""
+    _validate_job(cfg)
+    _validate_seeds(cfg)
+    _validate_image_size(cfg)
+    _validate_trainer(cfg)
+    _validate_files(cfg)
+
+
+def _validate_job(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not supported; accepted: {', '.join(MODES)}")
     if not isinstance(cfg.fold, int) or not 0 <= cfg.fold <= 3:
@@ -54,6 +73,81 @@ def validate(cfg: DictConfig) -> None:
     if resolution is not None and resolution not in EVAL_RESOLUTIONS:
         raise ConfigError(f"eval_resolution={resolution!r} is not supported; accepted: null, "
                           f"{', '.join(EVAL_RESOLUTIONS)}")
+
+
+def _validate_seeds(cfg: DictConfig) -> None:
+    for key in SEED_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key != "seed":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"{key}={value!r} must be an integer in [0, 2**32 - 1]")
+
+
+def _validate_image_size(cfg: DictConfig) -> None:
+    """``data.image_size`` against the model's input rule (HSNet: multiples of 8, at least
+    32; HDMNet's PSPNet: (size - 1) % 8 == 0 unless strict_size=false); null is the
+    protocol's size."""
+    size = cfg.data.get("image_size")
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"data.image_size={size!r} must be a positive integer (pixels) or null "
+                          "(the protocol's size)")
+    net = cfg.model.get("net")
+    if not OmegaConf.is_dict(net) or "_target_" not in net:
+        return
+    from hydra.utils import get_class
+
+    check = getattr(get_class(net._target_), "check_image_size", None)
+    if check is None:
+        return
+    import inspect
+
+    options = {name: net[name] for name in inspect.signature(check).parameters
+               if name not in ("height", "width") and name in net}
+    try:
+        check(size, size, **options)
+    except ValueError as error:
+        reason = str(error).replace("strict_size=False", "base_learner.strict_size=false")
+        raise ConfigError(f"data.image_size={size} does not suit model={cfg.model.name}: "
+                          f"{reason}") from None
+
+
+def _validate_trainer(cfg: DictConfig) -> None:
+    trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accelerator} is not supported; accepted: "
+                          f"{', '.join(ACCELERATORS)}")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA "
+                          "device; use trainer=cpu (or trainer.accelerator=cpu)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps but MPS is not available here; use "
+                          "trainer.accelerator=cpu")
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 \
+            and devices != -1:
+        raise ConfigError(f"trainer.devices={devices} must be >= 1 (or -1: all)")
+    if isinstance(devices, int) and devices > 1 and accelerator in ("gpu", "cuda") \
+            and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    precision = str(trainer.get("precision", "32-true"))
+    if precision not in PRECISIONS + LEGACY_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} is not supported; accepted: "
+                          f"{', '.join(PRECISIONS)}")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and precision.startswith("16"):
+        raise ConfigError(f"trainer.precision={precision} needs a GPU; on the CPU use "
+                          "bf16-mixed or 32-true")
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < -1 or epochs == 0):
+        raise ConfigError(f"trainer.max_epochs={epochs!r} must be an integer >= 1 (or -1)")
+
+
+def _validate_files(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a .ckpt file "
                           "(e.g. <run dir>/checkpoints/last.ckpt)")
@@ -62,6 +156,10 @@ def validate(cfg: DictConfig) -> None:
     if weights not in special and not Path(str(weights)).is_file():
         raise ConfigError(f"backbone.weights={weights} is not a file; accepted: none, imagenet, "
                           "pretrain, or the path of a torchvision-format state dict")
+    learner = OmegaConf.select(cfg, "base_learner.ckpt", default=None)
+    if learner is not None and not Path(str(learner)).is_file():
+        raise ConfigError(f"base_learner.ckpt={learner} is not a file; pass the path of a "
+                          "PSPNet checkpoint (best.pth) or null to train / reuse the cached one")
 
 
 def resolve_backbone_weights(cfg: DictConfig) -> str | None:
@@ -115,6 +213,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = inspect_run_checkpoint(cfg) if cfg.ckpt_path else None
 
     datamodule = instantiate(cfg.data.module)
+    check_layout = getattr(datamodule.source, "check_layout", None)
+    if check_layout is not None:  # a real dataset on disk: its folders before any stage
+        check_layout()
     # A resumed fit restores every weight from its checkpoint, the frozen trunk included:
     # the stage that made the trunk (or base learner) is neither run nor needed.
     resuming = cfg.mode == "train" and checkpoint is not None
@@ -188,8 +289,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "test_seconds": round(test_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "tags": list(cfg.get("tags") or []),
+        "weights": _weights_origin(cfg, trainable, checkpoint),
         "status": "ok",
     }
+    if metrics["weights"] == "untrained":
+        metrics["warning"] = UNTRAINED_WARNING
+        log.warning("%s", UNTRAINED_WARNING)
     if seeds:
         metrics.update(_seed_summary(per_seed))
     else:
@@ -201,6 +306,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if failure:
         raise RegressionError(failure)
     return metrics
+
+
+UNTRAINED_WARNING = ("untrained weights: mode=test without ckpt_path scores a network whose "
+                     "trainable layers are randomly initialised; pass "
+                     "ckpt_path=<run dir>/checkpoints/<best>.ckpt to test a trained model")
+
+
+def _weights_origin(cfg: DictConfig, trainable: bool, checkpoint: Any) -> str:
+    """What the tested weights are: trained (in this run), checkpoint, untrained, or
+    training-free (a model with nothing to train, e.g. the prototype baseline)."""
+    if not trainable:
+        return "training-free"
+    if cfg.mode == "train":
+        return "trained"
+    return "untrained" if checkpoint is None else "checkpoint"
 
 
 def job_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -326,6 +446,8 @@ def print_summary(metrics: dict[str, Any]) -> None:
         f"{metrics['total_seconds']:.0f} s",
     )
     Console().print(table)
+    if metrics.get("warning"):
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]warning:[/] {metrics['warning']}")
     if metrics.get("seeds"):
         seeds = Table(title="per test seed")
         for column in ("seed", "mIoU", "FB-IoU"):

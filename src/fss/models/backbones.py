@@ -27,6 +27,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fss.utils.errors import ConfigError
+
 BACKBONE_NAMES = ("vgg16", "resnet18", "resnet50", "resnet101")
 
 # Torchvision classifier heads: present in torchvision files, absent from the backbone.
@@ -239,9 +241,10 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
     try:
         return enum.get_state_dict(progress=True)
     except Exception as error:  # network or cache problems: say what to do instead
-        raise RuntimeError(
-            f"could not download the ImageNet weights of {name} from {enum.url} "
-            f"({type(error).__name__}: {error}); download that file elsewhere and pass its path as weights"
+        raise ConfigError(
+            f"backbone.weights=imagenet: could not download the ImageNet weights of {name} from "
+            f"{enum.url} ({type(error).__name__}: {error}); download that file elsewhere and "
+            "pass its path as backbone.weights=<file>"
         ) from error
 
 

@@ -57,7 +57,7 @@ def check_input_size(height: int, width: int, strict: bool = True, stride: int =
             f"input {height}x{width} is too small: PSPNet needs at least {MIN_INPUT_SIZE}"
         )
     if strict:
-        bad = [size for size in (height, width) if (size - 1) % stride]
+        bad = list(dict.fromkeys(size for size in (height, width) if (size - 1) % stride))
         if bad:
             hints = ", ".join(
                 f"{size} → {size - (size - 1) % stride} or {size - (size - 1) % stride + stride}"

@@ -52,7 +52,13 @@ from fss.models.hdmnet.ensemble import BaseLearnerEnsemble, gram_distance
 from fss.models.hdmnet.matching import MATCHING_MODES, MatchingStage
 from fss.models.hdmnet.priors import masked_average_pool, max_cosine_prior
 from fss.models.inputs import check_episode, check_query_mask
-from fss.models.pspnet import IGNORE_INDEX, PSPFeatures, PSPNet, load_pspnet_checkpoint
+from fss.models.pspnet import (
+    IGNORE_INDEX,
+    PSPFeatures,
+    PSPNet,
+    check_input_size,
+    load_pspnet_checkpoint,
+)
 
 SUPPORT_MASK_MODES = ("image", "feature")
 MAX_STAGES = 4
@@ -471,6 +477,12 @@ class HDMNet(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
     # ------------------------------------------------------------------------ contract
+    @staticmethod
+    def check_image_size(height: int, width: int, strict_size: bool = True) -> None:
+        """Raises ValueError for an input size the PSPNet base learner cannot take (checked
+        by the run before any stage, and by every forward pass)."""
+        check_input_size(height, width, strict=strict_size)
+
     def forward(
         self,
         query_img: torch.Tensor,

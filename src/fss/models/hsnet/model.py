@@ -142,6 +142,12 @@ class HSNet(nn.Module):
         batch = query_img.shape[0]
         return [f[:batch] for f in features], [f[batch:] for f in features]
 
+    @staticmethod
+    def check_image_size(height: int, width: int) -> None:
+        """Raises :class:`~fss.utils.errors.InputError` for an input size HSNet cannot take
+        (checked by the run before any stage, and by every forward pass)."""
+        _check_size(height, width)
+
     def forward(
         self,
         query_img: Tensor,
