@@ -4,10 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all lint format bench clean
+.PHONY: help install run test test-all lint format bench clean clean-cache
 
 help: ## Show this help
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,8 @@ format: ## ruff format + import sorting
 bench: ## Inference benchmark table (CPU, and GPU when present)
 	$(PY) benchmarks/bench_inference.py
 
-clean: ## Remove logs, caches and build files (not the venv)
-	rm -rf logs outputs multirun .cache .pytest_cache .ruff_cache src/*.egg-info
+clean: ## Remove logs and build files (keeps the venv and the cached trunks / base learners)
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache src/*.egg-info
+
+clean-cache: ## Remove the cached stage outputs (trained trunks, base learners, split lists) in .cache
+	rm -rf .cache

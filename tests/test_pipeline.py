@@ -185,3 +185,21 @@ def test_verify_fails_loudly_outside_tolerance(compose_cfg, shared_cache, tmp_pa
     assert record["status"] == "regression" and record["verify"]["expected_mIoU"] == 99.0
     cfg.verify.tolerance = 100.0
     assert run(cfg)["status"] == "ok"
+
+
+def test_every_stage_shows_the_configured_progress_bar(compose_cfg, tmp_path, monkeypatch):
+    """The trunk stage trains with a trainer of its own; it shows the run's progress bar
+    (callbacks.progress_bar), not Lightning's default rich one."""
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    bars = []
+    original = L.Trainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        bars.append(type(self.progress_bar_callback))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", recording_fit)
+    run(compose_cfg([*SHORT, "callbacks.progress_bar.refresh_rate=5"], cache_dir=tmp_path / "c"))
+    assert bars == [TQDMProgressBar, TQDMProgressBar]  # trunk stage, then HSNet

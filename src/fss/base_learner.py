@@ -43,6 +43,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from fss.lightning import SegmentationModule
+from fss.lightning.callbacks import display_callbacks
 from fss.models.psp_backbones import PSP_BACKBONES
 from fss.models.pspnet import PSPNet, load_pspnet_checkpoint, pspnet_state_dict_from_checkpoint
 from fss.utils.errors import ConfigError
@@ -285,7 +286,7 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int) -> L.Trainer:
         max_epochs=max_epochs,
         enable_checkpointing=False,
         logger=CSVLogger(cfg.paths.output_dir, name="base_learner"),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *display_callbacks(cfg)],
     )
     trainer_cfg.pop("max_steps", None)
     return instantiate(trainer_cfg)

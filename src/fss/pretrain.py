@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from fss.lightning import SegmentationModule
+from fss.lightning.callbacks import display_callbacks
 from fss.models.segmenter import PyramidSegmenter
 from fss.utils.filelock import file_lock
 from fss.utils.ranks import is_global_zero
@@ -92,7 +93,7 @@ def _train_backbone(cfg: DictConfig, path: Path) -> None:
         max_epochs=cfg.pretrain.max_epochs,
         enable_checkpointing=False,
         logger=CSVLogger(cfg.paths.output_dir, name="pretrain"),
-        callbacks=[],
+        callbacks=display_callbacks(cfg),
     )
     trainer_cfg.pop("max_steps", None)
     trainer: L.Trainer = instantiate(trainer_cfg)

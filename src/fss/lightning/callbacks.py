@@ -171,3 +171,15 @@ def _resize(image: np.ndarray, height: int) -> np.ndarray:
     tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
     return resized[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
+def display_callbacks(cfg: Any) -> list[L.Callback]:
+    """The run's progress display (``callbacks.progress_bar``), for the stages that train with
+    a trainer of their own (trunk pretraining, the base learner): every stage of a run then
+    shows one progress-bar style instead of Lightning's default for the stages."""
+    from hydra.utils import instantiate
+
+    node = (cfg.get("callbacks") or {}).get("progress_bar")
+    if node is None or "_target_" not in node:
+        return []
+    return [instantiate(node)]
