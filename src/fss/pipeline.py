@@ -148,6 +148,13 @@ def _validate_trainer(cfg: DictConfig) -> None:
 
 
 def _validate_files(cfg: DictConfig) -> None:
+    cache = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    if cache is not None:
+        try:
+            Path(str(cache)).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"paths.cache_dir={cache} cannot be created ({error.strerror}); "
+                              "set paths.cache_dir (or FSS_CACHE) to a writable folder") from None
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a .ckpt file "
                           "(e.g. <run dir>/checkpoints/last.ckpt)")

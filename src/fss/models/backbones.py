@@ -261,7 +261,14 @@ def _read_state_dict(path: str | Path) -> Mapping[str, object]:
     except Exception:
         # Lightning checkpoints may pickle hyper-parameters (e.g. OmegaConf objects) that the
         # safe loader refuses; the user named this file explicitly, so trust it.
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise ConfigError(
+                f"backbone weights {str(path)!r} cannot be read by torch.load "
+                f"({type(error).__name__}: {error}); pass a torchvision-format state dict "
+                "(or a checkpoint with a 'state_dict')"
+            ) from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
