@@ -126,3 +126,20 @@ def test_resume_with_other_settings_is_refused_naming_the_keys(uninterrupted, tm
     assert "num_workers" not in lines[0]  # loader settings never change a result
     assert "resume.allow_changes=true" in lines[0]
     assert not (tmp_path / "other" / "checkpoints").exists()  # refused before anything ran
+
+
+@pytest.mark.slow
+def test_hdmnet_resumed_after_an_epoch_end_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """HDMNet trains with dropout: the resumed run must draw the same masks (every step
+    seeds from (seed, step)); its base learner comes from the checkpoint, not the stage."""
+    model = ["model=hdmnet", "data.image_size=65"]
+    cache = tmp_path / "cache"
+    full = launch(tmp_path / "full", cache, *model)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    assert launch(run_dir, cache, *model, *killed_at(6)).returncode == -9
+    resumed = launch(run_dir, tmp_path / "empty-cache", *model,
+                     f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "empty-cache" / "base_learner").exists()
+    assert_same_run(run_dir, final_state(tmp_path / "full"))
