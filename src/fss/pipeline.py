@@ -40,16 +40,20 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-t
 LEGACY_PRECISIONS = ("32", "16", "64", "bf16")  # Lightning still takes them
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, this_machine: bool = True) -> None:
     """Every setting the run will use that can be checked without building anything, checked
     before any stage runs: one :class:`ConfigError` (one line: the key, what was wrong, what
     is accepted) for the first bad value. Constructors check the rest when the run builds
-    them, still before any stage (``fss.cli`` prints those as one line too)."""
+    them, still before any stage (``fss.cli`` prints those as one line too).
+
+    ``this_machine=False`` leaves out what depends on the machine that will run the job (its
+    accelerators, files and folders): for jobs prepared here to run elsewhere (SLURM)."""
     _validate_job(cfg)
     _validate_seeds(cfg)
     _validate_image_size(cfg)
-    _validate_trainer(cfg)
-    _validate_files(cfg)
+    _validate_trainer(cfg, this_machine)
+    if this_machine:
+        _validate_files(cfg)
 
 
 def _validate_job(cfg: DictConfig) -> None:
@@ -114,12 +118,18 @@ def _validate_image_size(cfg: DictConfig) -> None:
                           f"{reason}") from None
 
 
-def _validate_trainer(cfg: DictConfig) -> None:
+def _validate_trainer(cfg: DictConfig, this_machine: bool = True) -> None:
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator={accelerator} is not supported; accepted: "
                           f"{', '.join(ACCELERATORS)}")
+    _validate_precision_and_epochs(trainer)
+    if this_machine:
+        _validate_devices(trainer, accelerator)
+
+
+def _validate_devices(trainer: DictConfig, accelerator: str) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA "
                           "device; use trainer=cpu (or trainer.accelerator=cpu)")
@@ -134,14 +144,18 @@ def _validate_trainer(cfg: DictConfig) -> None:
             and devices > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices={devices} but this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s)")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    precision = str(trainer.get("precision", "32-true"))
+    if on_cpu and precision.startswith("16"):
+        raise ConfigError(f"trainer.precision={precision} needs a GPU; on the CPU use "
+                          "bf16-mixed or 32-true")
+
+
+def _validate_precision_and_epochs(trainer: DictConfig) -> None:
     precision = str(trainer.get("precision", "32-true"))
     if precision not in PRECISIONS + LEGACY_PRECISIONS:
         raise ConfigError(f"trainer.precision={precision} is not supported; accepted: "
                           f"{', '.join(PRECISIONS)}")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and precision.startswith("16"):
-        raise ConfigError(f"trainer.precision={precision} needs a GPU; on the CPU use "
-                          "bf16-mixed or 32-true")
     epochs = trainer.get("max_epochs")
     if epochs is not None and (not isinstance(epochs, int) or epochs < -1 or epochs == 0):
         raise ConfigError(f"trainer.max_epochs={epochs!r} must be an integer >= 1 (or -1)")

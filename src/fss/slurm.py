@@ -138,7 +138,7 @@ def dry_run(overrides: list[str]) -> str:
         raise ConfigError(" ".join(detail.split())) from error
     params = _launcher_params(configs[0])
     for cfg in configs:
-        validate(cfg)
+        validate(cfg, this_machine=False)  # the jobs run on the cluster's nodes
         _check_ddp_layout(cfg, params)
     lines = [sbatch_script(params, len(jobs)).rstrip("\n"), "",
              f"# {len(jobs)} job(s); each runs run.py's task with these overrides:"]
