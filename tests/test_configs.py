@@ -30,7 +30,11 @@ def test_every_group_option_composes(compose_cfg, group, option):
     if group == "model":
         assert cfg.model.name == option
     if group == "backbone":
-        assert cfg.backbone.name == option
+        # pspnet_<data>: PSPNet's default trunk on <data> (resnet_small / resnet50).
+        expected = {"pspnet_synth": "resnet_small"}.get(option, option)
+        if option.startswith("pspnet_") and option != "pspnet_synth":
+            expected = "resnet50"
+        assert cfg.backbone.name == expected
 
 
 def test_issue_command_composes(compose_cfg):
@@ -70,3 +74,46 @@ def test_unknown_names_list_the_accepted_ones(compose_cfg, override):
     assert f"Could not find '{group}/" in text
     for accepted in options(group):
         assert accepted in text
+
+
+def _episodes(cfg, split: str, count: int):
+    from hydra.utils import instantiate
+
+    module = instantiate(cfg.data.module)
+    dataset = module.test_dataset() if split == "test" else module.val_dataset()
+    return [dataset[i] for i in range(count)]
+
+
+def _resized(tensor, size: int, mode: str):
+    import torch.nn.functional as F
+
+    if tensor.shape[-1] == size:
+        return tensor
+    batched = tensor[None] if tensor.dim() == 3 else tensor[None, None]
+    out = F.interpolate(batched.float(), size=(size, size), mode=mode)
+    return out[0] if tensor.dim() == 3 else out[0, 0].to(tensor.dtype)
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_hsnet_and_hdmnet_default_synth_runs_share_scenes_and_episodes(compose_cfg, split):
+    """``python run.py`` (HSNet) and ``python run.py model=hdmnet`` draw the same episodes:
+    the same class, query and supports for every index (up to resizing if a model's input
+    size differed), from the same scene distribution."""
+    hsnet = compose_cfg(["data.module.num_workers=0"])
+    hdmnet = compose_cfg(["model=hdmnet", "data.module.num_workers=0"])
+    assert (hsnet.model.name, hdmnet.model.name) == ("hsnet", "hdmnet")
+    for key in ("level", "colour"):
+        assert hsnet.data[key] == hdmnet.data[key]
+    for key in ("test_episodes", "seed", "shot"):
+        assert hsnet.data.module[key] == hdmnet.data.module[key]
+    size = hsnet.data.image_size
+    for a, b in zip(_episodes(hsnet, split, 6), _episodes(hdmnet, split, 6), strict=True):
+        assert int(a["class_id"]) == int(b["class_id"])
+        assert int(a["episode_index"]) == int(b["episode_index"])
+        query = _resized(b["query_img"], size, "bilinear")
+        assert (query - a["query_img"]).abs().mean() < 0.05
+        mask = _resized(b["query_mask"], size, "nearest")
+        valid = (mask != 255) & (a["query_mask"] != 255)
+        assert bool((mask[valid] == a["query_mask"][valid]).float().mean() > 0.99)
+        supports = _resized(b["support_imgs"], size, "bilinear")
+        assert (supports - a["support_imgs"]).abs().mean() < 0.05

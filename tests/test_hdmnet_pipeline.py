@@ -39,8 +39,9 @@ class BatchNormProbe(L.Callback):
 
 def test_hdmnet_on_synth_selects_the_fast_recipe(compose_cfg):
     cfg = compose_cfg(["model=hdmnet", "data=synth", "fold=0"])
-    assert cfg.backbone.name == "resnet_small"  # resnet18 has no PSPNet variant
-    assert cfg.data.image_size == 129 and (cfg.data.image_size - 1) % 8 == 0
+    assert cfg.backbone.name == "resnet_small"  # the default trunk when none is chosen
+    # The benchmark's default scenes (HSNet's): PSPNet accepts 112² without the strict rule.
+    assert cfg.data.image_size == 112 and cfg.base_learner.strict_size is False
     assert cfg.model.weights_stage == "fss.base_learner.ensure_base_learner"
     assert cfg.model.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.model.scheduler._target_ == "fss.lightning.schedules.poly_lr"
@@ -49,10 +50,51 @@ def test_hdmnet_on_synth_selects_the_fast_recipe(compose_cfg):
     assert five.train_shot == 5 and five.model.net.shot == 5  # 5-shot is its own model
     chosen = compose_cfg(["model=hdmnet", "backbone=resnet50"])
     assert chosen.backbone.name == "resnet50"  # an explicit PSPNet trunk is kept
+    for data in ("pascal", "coco"):  # the official trunk when none is chosen
+        assert compose_cfg(["model=hdmnet", f"data={data}"]).backbone.name == "resnet50"
     # Other models keep their settings: no recipe for HSNet.
     hsnet = compose_cfg(["model=hsnet"])
     assert hsnet.backbone.name == "resnet18" and hsnet.data.image_size == 112
     assert hsnet.train_shot == 1
+
+
+@pytest.mark.parametrize("model", ["hdmnet", "pspnet"])
+def test_an_explicit_backbone_without_a_pspnet_variant_is_an_error(compose_cfg, model):
+    from fss.base_learner import check_backbone
+    from fss.utils.errors import ConfigError
+
+    cfg = compose_cfg([f"model={model}", "backbone=resnet18"])
+    assert cfg.backbone.name == "resnet18"  # kept as given, never replaced
+    with pytest.raises(ConfigError) as error:
+        check_backbone(cfg)
+    assert str(error.value) == (
+        "backbone=resnet18 has no PSPNet variant (HDMNet's base learner); use "
+        "backbone=resnet_small (synthetic) or resnet50|resnet101|vgg16")
+
+
+def test_a_size_the_strict_pspnet_rule_rejects_is_an_error(compose_cfg):
+    from fss.base_learner import check_backbone
+    from fss.utils.errors import ConfigError
+
+    check_backbone(compose_cfg(["model=hdmnet", "base_learner.strict_size=true",
+                                "data.image_size=113"]))
+    with pytest.raises(ConfigError, match=r"data.image_size=105 or 113, or "
+                                          r"base_learner.strict_size=false"):
+        check_backbone(compose_cfg(["model=hdmnet", "base_learner.strict_size=true"]))
+
+
+def test_cli_refuses_an_explicit_backbone_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "run.py", "model=hdmnet", "backbone=resnet18",
+         f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: backbone=resnet18 has no PSPNet variant (HDMNet's base learner); "
+                     "use backbone=resnet_small (synthetic) or resnet50|resnet101|vgg16"]
+    assert not list((tmp_path / "cache").glob("**/best.pth"))  # failed before any training
 
 
 def test_official_recipe_is_the_model_default(compose_cfg):

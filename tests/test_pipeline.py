@@ -129,7 +129,7 @@ def test_multirun_over_two_folds_in_parallel_then_report(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/metrics.json"))
-    assert [p.name for p in jobs] == ["0_fold0_shot1", "1_fold1_shot1"]
+    assert [p.name for p in jobs] == ["0_proto_synth_fold0_shot1", "1_proto_synth_fold1_shot1"]
     metrics = [read_metrics(p) for p in jobs]
     assert [m["fold"] for m in metrics] == [0, 1]
     assert all(m["paper"]["targets"]["1"]["mean"] == 55.0 for m in metrics)
@@ -169,8 +169,8 @@ def test_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "error: fold=7 is out of range; accepted: 0, 1, 2, 3" in done.stderr
-    failed = read_metrics(tmp_path / "sweep" / "0_fold7_shot1")
-    finished = read_metrics(tmp_path / "sweep" / "1_fold0_shot1")
+    failed = read_metrics(tmp_path / "sweep" / "0_all_foreground_synth_fold7_shot1")
+    finished = read_metrics(tmp_path / "sweep" / "1_all_foreground_synth_fold0_shot1")
     assert (failed["status"], finished["status"]) == ("failed", "ok")
 
 

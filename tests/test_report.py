@@ -179,7 +179,7 @@ def test_directory_without_any_metrics_is_an_error(tmp_path, capsys):
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error == (f"error: no metrics.json under {tmp_path}; pass a multirun directory such "
-                     "as logs/<task>/multiruns/<date_time>")
+                     "as logs/multiruns/<date_time>")
     write_job(tmp_path, "0_fold0_shot1", ["fold=0"], None)
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
@@ -188,3 +188,55 @@ def test_directory_without_any_metrics_is_an_error(tmp_path, capsys):
         main([str(tmp_path / "absent")])
     assert exited.value.code == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_sweep_over_models_is_one_directory_and_one_report(tmp_path):
+    """``python run.py -m model=hsnet,hdmnet`` (fast_dev_run, tiny scenes): both jobs write
+    into one multirun directory, in sub-directories named after their model, and the report
+    of that directory lists both; the rows show the data settings that differ."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PROJECT_ROOT": str(root), "PYTHONPATH": str(root / "src")}
+    logs = tmp_path / "logs"
+    command = [sys.executable, str(root / "run.py"), "-m", "model=hsnet,hdmnet", "debug=fdr",
+               "data.image_size=64", f"paths.log_dir={logs}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (logs / "multiruns").iterdir()
+    assert sorted(p.name for p in logs.iterdir()) == ["multiruns"]
+    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert jobs == ["0_hsnet_synth_fold0_shot1", "1_hdmnet_synth_fold0_shot1"]
+    report = write_report(sweep)
+    assert [(row.model, row.jobs[0].status) for row in report.rows] == [("hsnet", "ok"),
+                                                                          ("hdmnet", "ok")]
+    assert "the sweep launches 2 jobs, 0 never started" in report.markdown.read_text()
+    settings = [row.jobs[0].metrics["data_settings"] for row in report.rows]
+    assert settings[0]["data.level"] == settings[1]["data.level"] == "hard"
+    assert settings[0]["data.image_size"] == settings[1]["data.image_size"] == 64
+
+
+def test_rows_show_the_data_settings_that_differ(tmp_path):
+    """Two jobs of one model on different scenes get their own rows, each naming its
+    differing settings as overrides; settings every job shares stay out of the table, and a
+    failure record (which has none) does not make every other row differ."""
+    root = tmp_path / "sweep"
+    shared = {"data.image_size": 112, "data.module.test_episodes": 1000, "test_seeds": None}
+    for number, (level, episodes) in enumerate([("hard", 800), ("demo", 640)]):
+        metrics = ok_metrics(0, 1, 50.0 + number, 70.0, [], model="hdmnet", data="synth",
+                             backbone="resnet_small")
+        metrics["data_settings"] = {**shared, "data.level": level,
+                                    "data.module.train_episodes": episodes}
+        write_job(root, f"{number}_hdmnet_synth_fold0_shot1", [], metrics)
+    failure = {"model": "hdmnet", "data": "synth", "backbone": "resnet_small", "fold": 1,
+               "shot": 1, "seed": 0, "status": "failed", "error": "ValueError: x"}
+    write_job(root, "2_hdmnet_synth_fold1_shot1", [], failure)
+    rows = read_csv(write_report(root).csv)
+    assert [(r["variant"], r["fold0"], r["fold1"]) for r in rows] == [
+        ("data.level=hard data.module.train_episodes=800", "50.00", ""),
+        ("data.level=demo data.module.train_episodes=640", "51.00", ""),
+        ("", "", "failed"),
+    ]

@@ -109,11 +109,24 @@ def make_command(cfg: DictConfig) -> str:
 
 # ------------------------------------------------------------------------------ checks
 def check_backbone(cfg: DictConfig) -> None:
+    """Refuses a backbone without a PSPNet variant and an image size PSPNet's strict rule
+    rejects, naming the override to use: nothing is replaced silently (without a backbone
+    on the command line, model=pspnet / hdmnet default to conf/backbone/pspnet_<data>.yaml)."""
     name = cfg.backbone.name
     if name not in PSP_BACKBONES:
+        real = "|".join(b for b in PSP_BACKBONES if b != "resnet_small")
         raise ConfigError(
-            f"backbone={name} has no PSPNet variant (HDMNet's base learner); accepted: "
-            f"{', '.join(PSP_BACKBONES)} (resnet_small: the synthetic benchmark's small trunk)"
+            f"backbone={name} has no PSPNet variant (HDMNet's base learner); use "
+            f"backbone=resnet_small (synthetic) or {real}"
+        )
+    size = cfg.data.get("image_size")
+    strict = bool(cfg.base_learner.get("strict_size", True))
+    if strict and isinstance(size, int) and not isinstance(size, bool) and (size - 1) % 8:
+        lower, upper = size - (size - 1) % 8, size - (size - 1) % 8 + 8
+        raise ConfigError(
+            f"data.image_size={size} breaks PSPNet's (size - 1) % 8 == 0 rule "
+            f"(base_learner.strict_size=true); use data.image_size={lower} or {upper}, or "
+            "base_learner.strict_size=false"
         )
 
 

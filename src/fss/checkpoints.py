@@ -121,6 +121,37 @@ def _data_settings(data: DictConfig) -> dict[str, Any]:
     return settings
 
 
+# Settings of the data module / the semantic (trunk and base-learner) images that change
+# what a job trains or is tested on; loader settings (batch size, workers) do not.
+_EPISODE_SETTINGS = ("train_episodes", "val_episodes", "test_episodes")
+_SEMANTIC_SETTINGS = ("num_train_images", "num_val_images")
+
+
+def data_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Every setting that changes a job's data, keyed by its config path (so a value reads as
+    the override that reproduces it): the data config's top-level scalars
+    (:func:`_data_settings`: image size, protocol, level, colour ...), the episodes per split
+    (null: the protocol's number), the val / test seeds as used, ``test_seeds`` and the
+    number of semantic images the trunk / base-learner stage trains and validates on."""
+    from fss.data.datamodule import split_seed
+
+    settings: dict[str, Any] = {f"data.{k}": _plain(v) for k, v in _data_settings(cfg.data).items()}
+    module = cfg.data.get("module")
+    if isinstance(module, DictConfig):
+        for key in _EPISODE_SETTINGS:
+            settings[f"data.module.{key}"] = module.get(key)
+        seed = int(module.get("seed", cfg.get("seed", 0)))
+        for split in ("val", "test"):
+            key = f"{split}_seed"
+            settings[f"data.module.{key}"] = split_seed(split, seed, module.get(key))
+    settings["test_seeds"] = _plain(cfg.get("test_seeds"))
+    semantic = cfg.data.get("semantic")
+    if isinstance(semantic, DictConfig):
+        for key in _SEMANTIC_SETTINGS:
+            settings[f"data.semantic.{key}"] = semantic.get(key)
+    return settings
+
+
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fss.checkpoints import describe_run, inspect_run_checkpoint, load_test_weights
+from fss.checkpoints import data_settings, describe_run, inspect_run_checkpoint, load_test_weights
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
 from fss.utils.errors import ConfigError, RegressionError
@@ -354,6 +354,9 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
         "shot": cfg.shot,
         "train_shot": cfg.train_shot,
         "seed": cfg.seed,
+        # Every setting that changes the data (scenes, sizes, episodes, test seeds), so jobs
+        # that share a model but not their data are told apart (fss.checkpoints.data_settings).
+        "data_settings": data_settings(cfg),
         # The command-line overrides of this job (a multirun's swept values among them), so a
         # report can tell the rows of an ablation sweep apart; [] outside a Hydra app.
         "overrides": _job_overrides(),

@@ -130,6 +130,15 @@ def _distributed() -> tuple[int, int] | None:
     return None
 
 
+# Episode seeds of the evaluation splits when not given: ``seed`` plus these offsets.
+SEED_OFFSETS = {"val": 1, "test": 2}
+
+
+def split_seed(split: str, seed: int, value: int | None = None) -> int:
+    """The seed of ``split``'s episodes: ``value`` if given, else ``seed`` + its offset."""
+    return seed + SEED_OFFSETS[split] if value is None else value
+
+
 def _check_seed(name: str, value: int | None, default: int) -> int:
     return default if value is None else check_non_negative(name, value)
 
@@ -260,8 +269,8 @@ class FewShotDataModule(_SourceDataModule):
         self.val_episodes = _check_episodes("val_episodes", val_episodes)
         self.test_episodes = _check_episodes("test_episodes", test_episodes)
         self.seed = check_non_negative("seed", seed)
-        self.val_seed = _check_seed("val_seed", val_seed, self.seed + 1)
-        self.test_seed = _check_seed("test_seed", test_seed, self.seed + 2)
+        self.val_seed = _check_seed("val_seed", val_seed, split_seed("val", self.seed))
+        self.test_seed = _check_seed("test_seed", test_seed, split_seed("test", self.seed))
         self.save_hyperparameters(ignore=["source"])
 
     def num_episodes(self, split: str) -> int:

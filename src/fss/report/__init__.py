@@ -1,7 +1,7 @@
 """Sweep reports: every job's metrics.json of a multirun directory as a paper-style table
 (Markdown, CSV, terminal), with the jobs that failed or never ran.
 
-    fss-report logs/hsnet_pascal/multiruns/2025-01-01_12-00-00    # or python -m fss.report
+    fss-report logs/multiruns/2025-01-01_12-00-00    # or python -m fss.report
 """
 
 from fss.report.cli import main, write_report

@@ -34,7 +34,7 @@ def write_report(directory: Path, out: Path | None = None) -> Report:
             f"no metrics.json under {directory}"
             + (f" ({started} job director{'y' if started == 1 else 'ies'} without one: "
                "still running, or killed)" if started else "")
-            + "; pass a multirun directory such as logs/<task>/multiruns/<date_time>")
+            + "; pass a multirun directory such as logs/multiruns/<date_time>")
     rows = build_rows(sweep)
     issues = sweep_issues(sweep, rows)
     out = Path(out) if out is not None else Path(directory)

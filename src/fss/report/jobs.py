@@ -74,7 +74,7 @@ def collect(directory: Path) -> Sweep:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory} is not a directory; pass a multirun directory, e.g. "
-                          "logs/<task>/multiruns/<date_time>")
+                          "logs/multiruns/<date_time>")
     job_dirs = {p.parent for p in directory.rglob("metrics.json")}
     job_dirs |= {p.parent.parent for p in directory.rglob(".hydra/overrides.yaml")}
     jobs = [_read_job(directory, d) for d in sorted(job_dirs, key=lambda d: _natural_key(

@@ -3,12 +3,16 @@ one column per fold, the mean over folds, FB-IoU, the paper's number and the dif
 
 The variant of a job is its overrides of keys whose value differs between the jobs of the
 sweep (e.g. ``model.net.num_stages=2`` in an ablation sweep), except the row and column keys
-themselves and paths. The paper's numbers come from each job's metrics.json ``paper`` block
+themselves and paths, followed by the data settings its metrics.json records
+(``data_settings``: image size, level, colour, episodes per split, test seeds ...) that differ
+between the jobs recording them, written as the override that sets them (e.g.
+``data.module.train_episodes=640``), so two jobs on different data never share a row. The paper's numbers come from each job's metrics.json ``paper`` block
 (the experiment file's ``paper:``; see conf/config.yaml).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,8 +137,27 @@ def _variants(jobs: list[Job]) -> dict[str, str]:
     parsed = {job.name: _override_dict(job.overrides) for job in jobs}
     keys = sorted({k for overrides in parsed.values() for k in overrides})
     differing = [k for k in keys if len({o.get(k) for o in parsed.values()}) > 1]
-    return {name: " ".join(f"{k}={o[k]}" for k in differing if k in o)
-            for name, o in parsed.items()}
+    # Data settings: compared among the jobs that record them (a failure record or an older
+    # metrics.json says nothing about its data); a differing override already shows its key.
+    settings = {job.name: _data_settings(job) for job in jobs}
+    recorded = [s for s in settings.values() if s]
+    setting_keys = [k for k in dict.fromkeys(k for s in recorded for k in s) if k not in differing]
+    differing_settings = [k for k in setting_keys if len({s.get(k) for s in recorded}) > 1]
+    variants = {}
+    for name, o in parsed.items():
+        parts = [f"{k}={o[k]}" for k in differing if k in o]
+        parts += [f"{k}={settings[name][k]}" for k in differing_settings if k in settings[name]]
+        variants[name] = " ".join(parts)
+    return variants
+
+
+def _data_settings(job: Job) -> dict[str, str]:
+    """The job's ``data_settings`` (fss.checkpoints.data_settings) as override text."""
+    recorded = (job.metrics or {}).get("data_settings")
+    if not isinstance(recorded, dict):
+        return {}
+    return {str(k): v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+            for k, v in recorded.items()}
 
 
 def _override_dict(overrides: tuple[str, ...]) -> dict[str, str]:
