@@ -165,7 +165,7 @@ def test_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "fold=7,0", "model=all_foreground",
                "debug=fdr", *TINY, f"paths.log_dir={tmp_path / 'logs'}",
-               "hydra.sweep.dir=" + str(tmp_path / "sweep")]
+               f"paths.cache_dir={tmp_path / 'cache'}", "hydra.sweep.dir=" + str(tmp_path / "sweep")]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "error: fold=7 is out of range; accepted: 0, 1, 2, 3" in done.stderr
