@@ -30,7 +30,7 @@ RESULT_NEUTRAL = (
     "trainer.enable_model_summary", "trainer.enable_checkpointing",
     "*.num_workers", "*.pin_memory", "*.persistent_workers",
     # Machine-specific locations (datasets, caches, weights files): moving them keeps a run.
-    "*root", "*_dir", "*dir", "*_path", "*_file",
+    "*root", "*dir", "*path", "*file",
 )
 # The callbacks that change a result (when training stops).
 RESULT_CALLBACKS = ("callbacks.early_stopping",)
