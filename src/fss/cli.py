@@ -42,8 +42,7 @@ def run_job(cfg: DictConfig) -> float | None:
         _write_failure(cfg, user_error or error)
         if user_error is None:
             raise
-        if is_global_zero() or not _in_multirun():
-            print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)  # every rank: none fails silently
         if _in_multirun():
             raise user_error from None  # Hydra records it per job and carries on
         sys.exit(2)
