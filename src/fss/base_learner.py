@@ -45,7 +45,12 @@ from omegaconf import DictConfig, OmegaConf
 from fss.lightning import SegmentationModule
 from fss.lightning.callbacks import display_callbacks
 from fss.models.psp_backbones import PSP_BACKBONES
-from fss.models.pspnet import PSPNet, load_pspnet_checkpoint, pspnet_state_dict_from_checkpoint
+from fss.models.pspnet import (
+    PSPNet,
+    aligned_sizes,
+    load_pspnet_checkpoint,
+    pspnet_state_dict_from_checkpoint,
+)
 from fss.utils.errors import ConfigError
 from fss.utils.filelock import file_lock
 from fss.utils.ranks import is_global_zero
@@ -122,7 +127,7 @@ def check_backbone(cfg: DictConfig) -> None:
     size = cfg.data.get("image_size")
     strict = bool(cfg.base_learner.get("strict_size", True))
     if strict and isinstance(size, int) and not isinstance(size, bool) and (size - 1) % 8:
-        lower, upper = size - (size - 1) % 8, size - (size - 1) % 8 + 8
+        lower, upper = aligned_sizes(size)
         raise ConfigError(
             f"data.image_size={size} breaks PSPNet's (size - 1) % 8 == 0 rule "
             f"(base_learner.strict_size=true); use data.image_size={lower} or {upper}, or "

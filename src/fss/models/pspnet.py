@@ -50,6 +50,12 @@ IGNORE_INDEX = 255
 NUM_CLASSES = {"pascal": 16, "coco": 61}
 
 
+def aligned_sizes(size: int, stride: int = 8) -> tuple[int, int]:
+    """The sizes next to ``size`` (below and above) with ``(size - 1) % stride == 0``."""
+    lower = size - (size - 1) % stride
+    return lower, lower + stride
+
+
 def check_input_size(height: int, width: int, strict: bool = True, stride: int = 8) -> None:
     """Raise a ``ValueError`` if ``(height, width)`` is not a usable PSPNet input size."""
     if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
@@ -60,8 +66,7 @@ def check_input_size(height: int, width: int, strict: bool = True, stride: int =
         bad = list(dict.fromkeys(size for size in (height, width) if (size - 1) % stride))
         if bad:
             hints = ", ".join(
-                f"{size} → {size - (size - 1) % stride} or {size - (size - 1) % stride + stride}"
-                for size in bad
+                "{} → {} or {}".format(size, *aligned_sizes(size, stride)) for size in bad
             )
             raise ValueError(
                 f"input {height}x{width}: PSPNet sizes must satisfy (size - 1) % {stride} == 0 "
