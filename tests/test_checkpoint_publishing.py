@@ -1,5 +1,5 @@
 """Self-describing checkpoints: a trained run's checkpoint is tested (`run.py mode=test
-ckpt_path=...`) and used (`fss.load_checkpoint`) without repeating its configuration."""
+ckpt_path=...`) and used (`fss.load_model`) without repeating its configuration."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_cli_tests_a_checkpoint_with_no_other_override(trained, tmp_path):
 
 def test_load_checkpoint_returns_a_ready_model(trained):
     last = trained[0] / "checkpoints" / "last.ckpt"
-    model = fss.load_checkpoint(last)
+    model = fss.load_model(last)
     assert type(model).__name__ == "HSNet" and not model.training
     assert model.use_support_mask is False and model.backbone.name == "resnet18"
     assert model.checkpoint_info["fold"] == 1
@@ -151,7 +151,7 @@ def test_checkpoint_without_description_still_tests_with_its_config(trained, sha
     del checkpoint[CHECKPOINT_KEY]
     torch.save(checkpoint, old)
     with pytest.raises(ConfigError, match="without an fss run description"):
-        fss.load_checkpoint(old)
+        fss.load_model(old)
     assert restore_command_line(["mode=test", f"ckpt_path={old}"])[1] == []
     metrics = run(compose_config([*HSNET_RUN, "mode=test", f"ckpt_path={old}"],
                                  tmp_path / "test", shared_cache))
@@ -164,7 +164,7 @@ def test_hdmnet_checkpoint_is_self_describing(shared_cache, tmp_path):
                  "model.net.num_stages=2"]
     trained_metrics = run(compose_config(overrides, tmp_path / "train", cache))
     last = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    model = fss.load_checkpoint(last)
+    model = fss.load_model(last)
     assert type(model).__name__ == "HDMNet" and not model.training
     assert model.transformer.num_stages == 2 and model.pspnet.backbone_name == "resnet_small"
     assert model.predict(*episode(65)).shape == (1, 65, 65)

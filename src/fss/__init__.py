@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_checkpoint"]
+__all__ = ["__version__", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import fss` stays light (no torch / Hydra until a model is loaded).
-    if name == "load_checkpoint":
-        from fss.checkpoints import load_checkpoint
+    if name == "load_model":
+        from fss.checkpoints import load_model
 
-        return load_checkpoint
+        return load_model
     raise AttributeError(f"module 'fss' has no attribute {name!r}")

@@ -12,7 +12,7 @@ fss version. With it:
   ``data=pascal`` also keeps the checkpoint's ``data.*`` settings out), so a model can be
   tested on another fold or dataset; a model or backbone that differs from the
   checkpoint's is refused (the weights cannot fit).
-- :func:`load_checkpoint` returns the model, in eval mode, ready for ``.predict``.
+- :func:`load_model` returns the model, in eval mode, ready for ``.predict``.
 
 Official checkpoints (HSNet ``best_model.pt``, HDMNet ``train_epoch_*.pth``, BAM PSPNet
 ``best.pth``) are recognised by their keys (:mod:`fss.models.official`) by the same two
@@ -208,7 +208,7 @@ def inspect_checkpoint(path: str | Path) -> InspectedCheckpoint:
 
 
 # ---------------------------------------------------------------------------- loading
-def load_checkpoint(path: str | Path) -> nn.Module:
+def load_model(path: str | Path) -> nn.Module:
     """The model of a checkpoint, in eval mode, on the CPU, ready for ``.predict``.
 
     Ours: the model is built from the stored config and every weight is loaded (a
