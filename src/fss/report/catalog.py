@@ -1,10 +1,10 @@
 """The catalogue of paper tables: every ``experiments/*.yaml`` with its command and targets.
 
-    python -m fss.report.catalog            # Markdown table on stdout (pasted in the README)
+    python -m fss.report.catalog            # Markdown table on stdout (docs/experiments.md)
 
 Reads each file's ``paper:`` block (source and targets) and the first ``python run.py``
-command of its header comment, so the README's list cannot drift from the files:
-``tests/test_experiments.py`` checks that the README holds this table verbatim.
+command of its header comment, so the documented list cannot drift from the files:
+``tests/test_experiments.py`` checks that docs/experiments.md holds this table verbatim.
 """
 
 from __future__ import annotations
