@@ -4,12 +4,15 @@
     python benchmarks/bench_inference.py --models hsnet --backbones resnet50 --shots 1 5
     python benchmarks/bench_inference.py --models hsnet --backbones resnet50 --compare /tmp/official_hsnet
     python benchmarks/bench_inference.py --models hdmnet --backbones resnet50 --shots 1 5 --sizes 473 633
+    /path/to/hdmnet-venv/bin/python benchmarks/bench_inference.py --models hdmnet --backbones resnet50 --compare /tmp/official_hdmnet
     python benchmarks/bench_inference.py --reference            # also time the straightforward path
     python benchmarks/bench_inference.py --device cuda --precision bf16   # on a GPU
 
-``--compare PATH`` times the official HSNet (a checkout of juhongm999/hsnet at PATH, kept
-outside this repository; see ``benchmarks/official.py``) in the same process, on the same
-inputs, alternating runs with ours, and reports the ratio. Our model is given the official
+``--compare PATH`` times the official code in the same process, on the same inputs,
+alternating runs with ours, and reports the ratio: for ``--models hsnet`` a checkout of
+juhongm999/hsnet at PATH, for ``--models hdmnet`` a checkout of Pbihao/HDMNet, run from a venv
+with mmcv 1.6.1 / mmsegmentation 0.27.0 (``docs/performance.md`` gives the commands; see
+``benchmarks/official.py``). Both checkouts are kept outside this repository. Our model is given the official
 model's (random) weights, so the table also shows the largest |Δ logit| between the two and
 the share of pixels where their predicted masks agree. ``--reference`` times this project's
 frozen straightforward implementation (``tests/reference_*.py``) the same way: the
@@ -72,12 +75,15 @@ def measure(args: argparse.Namespace) -> dict:
     functions["ours"] = ours
     official = None
     if args.compare:
-        if args.model != "hsnet":
-            raise SystemExit("--compare: only the official HSNet can be loaded (benchmarks/official.py)")
-        from official import OfficialHSNet
+        if args.model == "hsnet":
+            from official import OfficialHSNet
 
-        official = OfficialHSNet(args.compare, args.backbone, device)
-        net.load_official_state_dict(official.state_dict())
+            official = OfficialHSNet(args.compare, args.backbone, device)
+            net.load_official_state_dict(official.state_dict())
+        else:
+            from official import OfficialHDMNet
+
+            official = OfficialHDMNet(args.compare, net, device)
 
         def theirs():
             with torch.inference_mode(), autocast:
@@ -111,8 +117,11 @@ def measure(args: argparse.Namespace) -> dict:
                 (outputs[name].long() == outputs["ours"].long()).float().mean())
     if official is not None:
         with torch.inference_mode():
-            theirs = official.logits(query, supports[:, 0], masks[:, 0])
-            mine = net.per_shot_logits(query, supports[:, :1], masks[:, :1])[:, 0]
+            if args.model == "hsnet":
+                theirs = official.logits(query, supports[:, 0], masks[:, 0])
+                mine = net.per_shot_logits(query, supports[:, :1], masks[:, :1])[:, 0]
+            else:
+                theirs, mine = official.logits(query, supports, masks), net(query, supports, masks)
         result["official_max_abs_logit_diff"] = float((theirs - mine).abs().max())
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

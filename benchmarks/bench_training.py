@@ -2,6 +2,7 @@
 
     python benchmarks/bench_training.py --models hsnet --backbones resnet50 --batch 1
     python benchmarks/bench_training.py --models hdmnet --backbones resnet50 --sizes 473 --reference
+    python benchmarks/bench_training.py --models hsnet --backbones resnet50 --batch 2 --compare /tmp/official_hsnet
     python benchmarks/bench_training.py --device cuda --precision bf16 --batch 5    # HSNet per-GPU batch
     python benchmarks/bench_training.py --device cuda --precision bf16 --models hdmnet --batch 4
 
@@ -72,6 +73,17 @@ def measure(args: argparse.Namespace) -> dict:
     if args.reference:
         loss = reference_loss(args.model)
         functions["reference"] = step(lambda: loss(net, query, supports, masks, query_mask))
+    if args.compare:
+        if args.model != "hsnet" or args.shot != 1:
+            raise SystemExit("--compare: the official training step is timed for HSNet 1-shot "
+                             "(HSNet trains 1-shot)")
+        from official import OfficialHSNet
+
+        official = OfficialHSNet(args.compare, args.backbone, device)
+        net.load_official_state_dict(official.state_dict())
+        official_step = official.training_step()
+        functions["official"] = lambda: official_step(query, supports[:, 0], masks[:, 0],
+                                                      (query_mask == 1).long())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = common.time_alternating(functions, args.warmup, args.repeats, device)
@@ -85,6 +97,8 @@ def measure(args: argparse.Namespace) -> dict:
     }
     if "reference" in times:
         result["reference_step_s"] = common.median(times["reference"])
+    if "official" in times:
+        result["official_step_s"] = common.median(times["official"])
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -107,6 +121,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the trainable parts")
     parser.add_argument("--reference", action="store_true",
                         help="also time the frozen straightforward implementation")
+    parser.add_argument("--compare", type=Path, metavar="PATH",
+                        help="official HSNet checkout whose training step is timed side by side")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     common.add_worker_arguments(parser)
     args = parser.parse_args()
@@ -115,7 +131,8 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    rows = common.run_configurations(__file__, args, [], "step_s", "s / step")
+    extra = ["--compare", str(args.compare)] if args.compare else []
+    rows = common.run_configurations(__file__, args, extra, "step_s", "s / step")
 
     print(f"\nMachine: {common.machine_line(args.device, args.threads)}; batch {args.batch}; "
           f"mask {args.mask}; precision {args.precision}; compile {args.compile}; median of "
@@ -123,6 +140,8 @@ def main() -> None:
     headers = ["model", "backbone", "shot", "size", "batch", "s / step", "episodes / s"]
     if args.reference:
         headers += ["straightforward s / step", "speed-up"]
+    if args.compare:
+        headers += ["official s / step", "ours / official"]
     headers += ["peak RSS (MiB)"] + (["peak CUDA (MiB)"] if args.device.startswith("cuda") else [])
     lines = []
     for r in rows:
@@ -130,6 +149,8 @@ def main() -> None:
                 f"{r['step_s']:.3f}", f"{r['episodes_per_s']:.2f}"]
         if args.reference:
             line += [f"{r['reference_step_s']:.3f}", f"{r['reference_step_s'] / r['step_s']:.2f}×"]
+        if args.compare:
+            line += [f"{r['official_step_s']:.3f}", f"{r['step_s'] / r['official_step_s']:.2f}"]
         line += [f"{r['peak_rss_mib']:.0f}"]
         if "peak_cuda_mib" in r:
             line += [f"{r['peak_cuda_mib']:.0f}"]
