@@ -85,7 +85,19 @@ def machine_line(device: str, threads: int) -> str:
         name = torch.cuda.get_device_name(0)
     else:
         name = _cpu_model() or platform.processor() or platform.machine()
-    return (f"{name}; {os.cpu_count()} logical CPUs, {threads} threads; torch {torch.__version__}")
+    return (f"{name}; {os.cpu_count()} logical CPUs, {threads} threads; torch {torch.__version__}; "
+            f"{isa_line()}")
+
+
+# The caps that make an AVX-512 machine compute like an AVX2 one (PyTorch's own kernels,
+# oneDNN, MKL); a table names the ones in force.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_line() -> str:
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
+    return (f"get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}; "
+            f"caps: {caps or 'none'}")
 
 
 def _cpu_model() -> str | None:

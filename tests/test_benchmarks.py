@@ -69,3 +69,26 @@ def test_compare_with_official_hsnet(tmp_path):
     row = json.loads(out.read_text())[0]
     assert row["official_max_abs_logit_diff"] <= 1e-4
     assert row["official_mask_agreement"] == 1.0
+
+
+def test_side_by_side_plumbing_with_a_stand_in_checkout(tmp_path):
+    """--compare loads an official-layout model, gives ours its weights, times both and
+    reports the ratio, |Δlogit| and mask agreement (inference) and the training-step ratio."""
+    from tests.fake_official import make_hsnet_checkout
+
+    checkout = make_hsnet_checkout(tmp_path / "hsnet")
+    out = tmp_path / "rows.json"
+    done = _run("bench_inference.py", ["--models", "hsnet", "--backbones", "resnet50",
+                                       "--shots", "1", "--sizes", "64", "--compare",
+                                       str(checkout), "--json", str(out)])
+    assert "ours / official" in done.stdout and "get_cpu_capability()" in done.stdout
+    row = json.loads(out.read_text())[0]
+    assert row["official_median_s"] > 0
+    assert row["official_max_abs_logit_diff"] <= 1e-5
+    assert row["official_mask_agreement"] == 1.0
+    done = _run("bench_training.py", ["--models", "hsnet", "--backbones", "resnet50",
+                                      "--sizes", "64", "--batch", "2", "--compare",
+                                      str(checkout), "--json", str(out)])
+    assert "official s / step" in done.stdout
+    row = json.loads(out.read_text())[0]
+    assert row["official_step_s"] > 0 and row["step_s"] > 0
