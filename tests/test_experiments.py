@@ -135,11 +135,11 @@ def test_header_command_composes(compose_cfg, path, command):
 def test_header_commands_are_read_from_the_files():
     stages = header_commands(EXPERIMENTS / "hdmnet_ablation_stages.yaml")
     assert stages == [
+        ["experiment=hdmnet_ablation_stages", "data=coco", "fold=0,1,2,3"],
         ["experiment=hdmnet_ablation_stages"],
-        ["experiment=hdmnet_ablation_stages", "data=pascal"],
     ]
-    axes = sweep_axes(stages[1], sweep_params(EXPERIMENTS / "hdmnet_ablation_stages.yaml"))
-    assert axes["model.net.num_stages"] == ["1", "2", "3", "4"] and axes["data"] == ["pascal"]
+    axes = sweep_axes(stages[0], sweep_params(EXPERIMENTS / "hdmnet_ablation_stages.yaml"))
+    assert axes["model.net.num_stages"] == ["1", "2", "3", "4"] and axes["data"] == ["coco"]
     pascal = header_commands(EXPERIMENTS / "hdmnet_pascal_r50.yaml")
     assert pascal == [["experiment=hdmnet_pascal_r50", "fold=0,1,2,3", "shot=1,5", "trainer=ddp"]]
     assert sweep_axes(pascal[0], {})["shot"] == ["1", "5"]
@@ -158,8 +158,54 @@ def test_paper_block_has_source_and_numeric_targets(path):
         assert isinstance(value, Real) and not isinstance(value, bool), (path.name, where, value)
         assert 0.0 <= value <= 100.0, (path.name, where, value)
         assert where[-1] in TARGET_KEYS, (path.name, where)
-    if not targets and path.stem.startswith("hdmnet_"):  # says why there is no number
-        assert "not retrieved" in paper["source"] or "no exact values" in paper["source"]
+    if not targets:  # only a figure without printed numbers, and the file says so
+        assert "no printed numbers" in paper["source"], path.name
+        assert "Expected shape" in path.read_text(), path.name
+    depth = len(paper.get("by") or {})
+    for where, _ in leaves(targets):  # the `by` values, then the shot, then fold/mean/fbiou
+        assert len(where) == depth + 2, (path.name, where)
+        assert isinstance(where[depth], int) and where[depth] >= 1, (path.name, where)
+
+
+# Words that mark a number as unchecked: a target comes from the paper's own table or is
+# absent; a file says which table, never where else it looked.
+FORBIDDEN = ("not retrieved", "unverified", "secondary source", "issue #", "values not",
+             "could not be", "public summary")
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_experiment_files_cite_the_paper_only(path):
+    text = path.read_text().lower()
+    assert not [w for w in FORBIDDEN if w in text], path.name
+
+
+@pytest.mark.parametrize(
+    "path", [f for f in PAPER_FILES if "by" in (OmegaConf.load(f).get("paper") or {})],
+    ids=lambda p: p.stem)
+def test_by_settings_are_the_jobs_own_values(compose_cfg, path):
+    """``paper.by`` names real settings, each resolved from the job's own config, so every
+    job's metrics.json says which row of the table it is; the swept values of the file
+    select a target (or, for values the paper has no row for, none)."""
+    from fss.report.table import shot_targets
+
+    command = header_commands(path)[0]
+    axes = sweep_axes(command, sweep_params(path))
+    first = {key: values[0] for key, values in axes.items()}
+    cfg = compose_cfg([f"{k}={v}" for k, v in first.items()])
+    raw = OmegaConf.load(path).paper.by
+    for key in raw:
+        assert OmegaConf.to_container(raw)[key] == "${" + key + "}", (path.name, key)
+        assert OmegaConf.select(cfg, key) is not None, (path.name, key)
+    found = 0
+    swept = {k: v for k, v in axes.items() if k in raw}
+    for key, values in swept.items():
+        for value in values:
+            job = copy.deepcopy(cfg)
+            OmegaConf.update(job, key, yaml.safe_load(value), merge=False)
+            paper = OmegaConf.to_container(job.paper, resolve=True)
+            assert paper["by"][key] == yaml.safe_load(value), (path.name, key, value)
+            found += bool(shot_targets(paper, job.shot) or shot_targets(paper, 5))
+    assert found, f"{path.name}: no swept value of its header command selects a target"
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
@@ -201,8 +247,6 @@ def test_hdmnet_main_tables_use_the_official_recipe(compose_cfg):
         assert cfg.model.net.num_classes_base == base and cfg.train_shot == 5
         assert list(cfg.test_seeds) == [510, 365, 382, 322, 988, 98, 742, 17, 595, 106]
         assert (cfg.paper.targets[1].mean, cfg.paper.targets[5].mean) == (mean1, mean5)
-    coco = compose_cfg(["experiment=hdmnet_coco_r50"]).paper.targets
-    assert (coco[1].fbiou, coco[5].fbiou) == (72.2, 77.7)
 
 
 @pytest.mark.parametrize(
@@ -242,6 +286,12 @@ def test_docs_list_every_paper_table_with_command_and_targets():
         "1-shot 64.0, 5-shot 69.5"
     assert summarize_targets({"dense": {1: {"mean": 64.9}}, "cp": {1: {0: 1.0}}}) == \
         "dense: 1-shot 64.9"
+    by = {"data.name": "coco", "model.net.use_distill": True}
+    assert summarize_targets({"coco": {True: {1: {"mean": 50.0}}, False: {1: {0: 1.0}}}},
+                             by) == "coco use_distill=true: 1-shot 50.0"
+    assert summarize_targets({}) == "no printed numbers (see the file)"
+    assert next(e for e in entries if e.name == "hsnet_pascal_r50_10shot").targets == \
+        "1-shot 64.0, 5-shot 69.5, 10-shot 70.6"
     page = (ROOT / "docs" / "experiments.md").read_text()
     assert to_markdown(entries) in page, \
         "docs/experiments.md's catalogue out of date: python -m fss.report.catalog"

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
+NO_NUMBERS = "no printed numbers (see the file)"
 _COMMAND = re.compile(r"^#\s+(python run\.py .*?)(?:\s+#.*)?$")
 
 
@@ -43,10 +44,20 @@ def _shot_means(by_shot: dict[Any, Any]) -> str:
     return ", ".join(parts)
 
 
-def summarize_targets(targets: dict[Any, Any] | None) -> str:
-    """Compact text of a ``paper.targets`` block: the mean per shot, per swept value."""
+def summarize_targets(targets: dict[Any, Any] | None, by: dict[str, Any] | None = None) -> str:
+    """Compact text of a ``paper.targets`` block: the mean per shot, per swept value. With
+    ``by`` (the settings the targets are keyed by before the shot, see
+    ``fss.report.table.shot_targets``), each group is labelled by its settings
+    (``data.name`` by its value alone, others as ``name=value``)."""
     if not targets:
-        return "not retrieved (see the file)"
+        return NO_NUMBERS
+    if by:
+        parts = []
+        for labels, by_shot in _by_groups(targets, list(by)):
+            means = _shot_means(by_shot) if isinstance(by_shot, dict) else ""
+            if means:
+                parts.append(f"{' '.join(labels)}: {means}")
+        return "; ".join(parts) or NO_NUMBERS
     if all(_is_scores(value) for value in targets.values()):
         return _shot_means(targets) or "per-fold only (see the file)"
     parts = []
@@ -57,7 +68,27 @@ def summarize_targets(targets: dict[Any, Any] | None) -> str:
             else _shot_means(node)
         if nested:
             parts.append(f"{value}: {nested}")
-    return "; ".join(parts) or "not retrieved (see the file)"
+    return "; ".join(parts) or NO_NUMBERS
+
+
+def _by_groups(node: Any, settings: list[str], labels: tuple[str, ...] = ()):
+    """(labels, {shot: scores}) for every combination of the ``by`` settings' values."""
+    if not settings:
+        yield labels, node
+        return
+    if not isinstance(node, dict):
+        return
+    setting, rest = settings[0], settings[1:]
+    for value, child in node.items():
+        text = _value_text(value)
+        label = text if setting == "data.name" else f"{setting.rsplit('.', 1)[-1]}={text}"
+        yield from _by_groups(child, rest, (*labels, label))
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _command(text: str, name: str) -> str:
@@ -78,7 +109,7 @@ def read_entries(directory: Path = EXPERIMENTS) -> list[Entry]:
             continue
         entries.append(Entry(name=path.stem, source=str(paper.get("source", "")),
                              command=_command(text, path.stem),
-                             targets=summarize_targets(paper.get("targets"))))
+                             targets=summarize_targets(paper.get("targets"), paper.get("by"))))
     return entries
 
 

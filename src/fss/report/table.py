@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from fss.report.jobs import Job, Sweep
 
 FOLDS = (0, 1, 2, 3)
@@ -71,9 +73,7 @@ class Row:
     @property
     def targets(self) -> dict[str, float]:
         """The paper's numbers for this row's shot, keyed '0'..'3', 'mean', 'fbiou'."""
-        block = self.paper or {}
-        by_shot = {str(k): v for k, v in (block.get("targets") or {}).items()}
-        numbers = by_shot.get(str(self.shot)) or {}
+        numbers = shot_targets(self.paper, self.shot)
         return {str(k): float(v) for k, v in numbers.items() if v is not None}
 
     @property
@@ -113,6 +113,43 @@ class Row:
     @property
     def paper_fbiou(self) -> float | None:
         return self.targets.get("fbiou")
+
+
+def shot_targets(paper: dict[str, Any] | None, shot: Any) -> dict[Any, Any]:
+    """The numbers of ``paper.targets`` for one job: keyed by shot, then fold / mean / fbiou;
+    when the block has ``by`` (``{setting: the job's value}``, e.g. ``{model.net.kernel:
+    dense}``, resolved by each job), the targets are keyed by those values first, in that
+    order. {} when the paper has no number for this job."""
+    node: Any = (paper or {}).get("targets") or {}
+    for value in ((paper or {}).get("by") or {}).values():
+        if not isinstance(node, dict):
+            return {}
+        node = next((v for k, v in node.items() if same_value(k, value)), {})
+    if not isinstance(node, dict):
+        return {}
+    numbers = next((v for k, v in node.items() if same_value(k, shot)), None)
+    return numbers if isinstance(numbers, dict) else {}
+
+
+def same_value(key: Any, value: Any) -> bool:
+    """A targets key (as written in YAML, or a string after metrics.json) names ``value``:
+    ``true`` / True, ``"1.0"`` / 1, ``"[3,4]"`` / [3, 4]."""
+    return _canonical(key) == _canonical(value)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return tuple(_canonical(v) for v in value)
+    return str(value)
 
 
 def build_rows(sweep: Sweep) -> list[Row]:
