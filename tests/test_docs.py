@@ -218,7 +218,7 @@ SCANS = {
 # their scan is clean.
 _PENDING = pytest.mark.xfail(reason="internal words still present; see the listed lines",
                              strict=False)
-PENDING_AREAS = {"docs edited elsewhere", "src comments", "conf", "experiments"}
+PENDING_AREAS = {"conf"}
 
 
 @pytest.mark.parametrize("area", [

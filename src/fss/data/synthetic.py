@@ -346,8 +346,8 @@ class SceneGenerator:
             if not mask.any():
                 continue
             # "instance": a class is its (shape, texture); every instance draws its own
-            # palette, so colour alone never identifies a class (the issue's "per-instance
-            # colour jitter"). "class": the palette is part of the class identity.
+            # palette (per-instance colour jitter), so colour alone never identifies a
+            # class. "class": the palette is part of the class identity.
             palette = spec.palette if self.colour == "class" else int(rng.integers(len(PALETTES)))
             colours = self._jitter_palette(rng, palette)
             # Colours are computed for the object's own pixels only (elementwise, so the
