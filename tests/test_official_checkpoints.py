@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fss.models import HDMNet, HSNet, PSPNet
-from fss.models.official import CheckpointMismatchError, detect_layout
+from fss.models.checkpoint_io import CheckpointMismatchError, detect_layout
 from fss.utils.errors import ConfigError
 from tests.official_layout import (
     bam_pspnet_state_dict,
