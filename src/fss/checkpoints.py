@@ -406,7 +406,7 @@ def _check_official(cfg: DictConfig, inspected: InspectedCheckpoint) -> None:
             fixes.append(f"model.net.num_classes_base={layout.num_classes - 1}")
     if fixes:
         raise ConfigError(f"{what}; this run is configured otherwise: pass {' '.join(fixes)}")
-    log.info("%s: loaded with the official importer (fss.models.official)", what)
+    log.info("%s: loaded with the official importer (fss.models.checkpoint_io)", what)
 
 
 def load_test_weights(inspected: InspectedCheckpoint, net: nn.Module) -> str | None:

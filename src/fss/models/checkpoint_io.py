@@ -130,9 +130,20 @@ def read_checkpoint(path: str | Path, name: str | None = None) -> Any:
                 "fss.models.checkpoint_io.TRUST_POLICY. If you trust the file, save its "
                 "state dict alone: torch.save(torch.load(path, weights_only=False)"
                 "['state_dict'], new_path)") from None
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(f"{name} cannot be read by torch.load ({type(error).__name__}: "
-                          f"{first_line}); pass a file written by torch.save") from None
+        raise ConfigError(f"{name} cannot be read by torch.load: {_why_unreadable(path, error)}"
+                          ) from None
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """One line on why torch.load failed (its safe-loader message is generic)."""
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        return ("it is not a whole file written by torch.save (neither torch's zip format nor a "
+                "legacy pickle)")
+    text = " ".join(str(error).split())
+    detail = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0]
+    return f"{type(error).__name__}: {detail.strip()}"
 
 
 def _refused_globals(path: Path) -> list[str]:
