@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fss.models import pspnet_keys
 from fss.models.checkpoint_io import load_official_state_dict, read_official
 from fss.models.psp_backbones import (
     PSP_BACKBONES,
@@ -46,6 +47,9 @@ from fss.models.psp_backbones import (
 )
 
 log = logging.getLogger(__name__)
+
+# BAM's second registration of layer0..4 (encoder.0..4), from the official key table.
+_BAM_COPIES = tuple(copy for copy, _ in pspnet_keys.DUPLICATES)
 
 PPM_BINS = (1, 2, 3, 6)
 MIN_INPUT_SIZE = 17
@@ -306,7 +310,7 @@ def pspnet_state_dict_from_checkpoint(
             if not key.startswith(prefix):
                 continue
             key = key[len(prefix) :]
-        if key.startswith("encoder."):
+        if key.startswith(_BAM_COPIES):
             continue
         result[key] = value
     if not result:
