@@ -5,7 +5,7 @@ juhongm999/hsnet ``model/hsnet.py`` + ``model/learner.py`` + ``model/base/conv4d
 Pbihao/HDMNet ``model/HDMNet.py`` + ``model/Transformer.py`` +
 ``model/MaskMultiheadAttention.py`` with mmcv/mmseg's PatchEmbed, ConvModule and
 MultiheadAttention; chunbolang/BAM ``model/PSPNet.py`` + ``model/resnet.py`` + ``model/PPM.py``),
-independently of ``fss.models.official``. Each official key is filled with the tensor of
+independently of ``fss.models.checkpoint_io``. Each official key is filled with the tensor of
 the corresponding part of one of our models, found by a hand-written table from official
 module paths to our module objects; every official shape is asserted, so a part of ours
 that does not have the official shape fails here, by name.

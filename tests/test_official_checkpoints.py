@@ -4,14 +4,28 @@ our models with identical weights and outputs; bad files fail naming the keys.""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import functools
 import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+import fss.models
+import fss.models.hdmnet
+import fss.models.hsnet
 from fss.models import HDMNet, HSNet, PSPNet
-from fss.models.official import CheckpointMismatchError, detect_layout
+from fss.models.checkpoint_io import (
+    CheckpointMismatchError,
+    convert_official_state_dict,
+    detect_layout,
+    read_checkpoint,
+    to_official_state_dict,
+)
 from fss.utils.errors import ConfigError
 from tests.official_layout import (
     bam_pspnet_state_dict,
@@ -269,3 +283,87 @@ def test_run_evaluates_a_bam_best_pth_as_the_base_learner(compose_cfg, tmp_path,
     metrics = fss.pipeline.run(compose_cfg(argv))
     assert (metrics["model"], metrics["checkpoint"], metrics["status"]) == ("pspnet", str(best), "ok")
     assert 0.0 <= metrics["mIoU"] <= 100.0
+
+
+# ------------------------------------------------------------------ converter, both ways
+def test_ours_to_official_gives_the_official_layout(hsnet_official, bam_pspnet):
+    """to_official_state_dict is the inverse of the import: it writes exactly the keys
+    (and tensors) of the independent official-layout writer, but the unused ones."""
+    ours = to_official_state_dict(random_hsnet("resnet50").state_dict(), "hsnet", parallel=True)
+    unused = {k for k in hsnet_official if k.startswith("module.backbone.fc.")}
+    assert set(ours) == set(hsnet_official) - unused
+    assert all(torch.equal(ours[k], hsnet_official[k]) for k in ours)
+    assert set(convert_official_state_dict(ours)) == set(random_hsnet("resnet50").state_dict())
+
+    official = bam_pspnet_state_dict(bam_pspnet, "resnet50")  # encoder.* copies included
+    ours = to_official_state_dict(bam_pspnet.state_dict(), "pspnet", parallel=True)
+    assert set(ours) == set(official) and all(torch.equal(ours[k], official[k]) for k in ours)
+
+    source = random_hdmnet("resnet50", 1, 15)
+    official = hdmnet_official_state_dict(source, "resnet50")
+    ours = to_official_state_dict(source.state_dict(), "hdmnet", parallel=True)
+    assert set(ours) == set(official) and all(torch.equal(ours[k], official[k]) for k in ours)
+    # One converter, under every public name; the kind is read from the keys.
+    assert fss.models.convert_official_state_dict is fss.models.hsnet.convert_official_state_dict \
+        is fss.models.hdmnet.convert_official_state_dict
+    assert set(convert_official_state_dict(ours)) == set(source.state_dict())
+    with pytest.raises(ConfigError, match="no official hsnet name for 1 keys: head.weight"):
+        to_official_state_dict({"head.weight": torch.zeros(1)}, "hsnet")
+
+
+# ------------------------------------------------------------------------ trust policy
+class _Payload:
+    """Unpickling this runs code (touches a file): what the safe loader must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_read_checkpoint_trust_policy(tmp_path):
+    """Every file is read with weights_only=True; the formats of TRUST_POLICY read with
+    their objects; anything else is refused naming it, and no code from the file runs."""
+    state = {"conv.weight": torch.randn(2, 3), "bn.num_batches_tracked": torch.tensor(5)}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+    files = {
+        # torch < 1.6 wrote the legacy (non-zip) format: read whole, no memory map.
+        "legacy.pt": (state, {"_use_new_zipfile_serialization": False}),
+        "official.pth": ({"epoch": 3, "state_dict": state, "optimizer": optimizer.state_dict()}, {}),
+        "numpy.pth": ({"state_dict": state, "best_miou": np.float64(0.5), "iou": np.ones(2)}, {}),
+        "args.pth": ({"state_dict": state, "args": argparse.Namespace(lr=0.1, shot=1)}, {}),
+        "hydra.ckpt": ({"state_dict": state, "hyper_parameters": {
+            "cfg": OmegaConf.create({"model": {"shot": 1, "levels": [2, 3]}})}}, {}),
+    }
+    for name, (content, options) in files.items():
+        torch.save(content, tmp_path / name, **options)
+        loaded = read_checkpoint(tmp_path / name)
+        found = loaded.get("state_dict", loaded)
+        assert all(torch.equal(found[k], state[k]) for k in state), name
+    assert read_checkpoint(tmp_path / "numpy.pth")["best_miou"] == 0.5
+    assert read_checkpoint(tmp_path / "args.pth")["args"].shot == 1
+    hydra = read_checkpoint(tmp_path / "hydra.ckpt")["hyper_parameters"]["cfg"]
+    assert OmegaConf.to_container(hydra) == {"model": {"shot": 1, "levels": [2, 3]}}
+
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": state, "extra": _Payload(marker)}, tmp_path / "payload.pth")
+    with pytest.raises(ConfigError, match=r"payload\.pth holds objects that fss does not "
+                                          r"unpickle \(.*builtins\.getattr"):
+        read_checkpoint(tmp_path / "payload.pth")
+    assert not marker.exists()
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(ConfigError, match=r"checkpoint .*notes\.txt cannot be read by torch\.load"):
+        read_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(ConfigError, match=r"backbone weights .*absent\.pth does not exist"):
+        read_checkpoint(tmp_path / "absent.pth", f"backbone weights {tmp_path / 'absent.pth'}")
+
+
+def test_one_torch_load_site_in_src():
+    """All reading goes through read_checkpoint: one torch.load call in src/fss."""
+    sites = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "src" / "fss").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                sites.append(f"{path.name}:{node.lineno}")
+    assert len(sites) == 1 and sites[0].startswith("checkpoint_io.py:"), sites

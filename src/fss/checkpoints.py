@@ -15,8 +15,9 @@ fss version. With it:
 - :func:`load_model` returns the model, in eval mode, ready for ``.predict``.
 
 Official checkpoints (HSNet ``best_model.pt``, HDMNet ``train_epoch_*.pth``, BAM PSPNet
-``best.pth``) are recognised by their keys (:mod:`fss.models.official`) by the same two
-entry points.
+``best.pth``) are recognised by their keys (:mod:`fss.models.checkpoint_io`) by the same two
+entry points. Every file is read by :func:`fss.models.checkpoint_io.read_checkpoint` (one
+trust policy).
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from fss.models.official import (
+from fss.models.checkpoint_io import (
     OfficialCheckpoint,
     detect_layout,
-    load_official,
     load_official_state_dict,
-    read_checkpoint_file,
+    read_checkpoint,
     unwrap_state_dict,
 )
+from fss.models.official import load_official
 from fss.models.psp_backbones import load_matching_state_dict
 from fss.resume import check_resume, result_settings
 from fss.utils.errors import ConfigError
+from fss.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,6 @@ _OFFICIAL_MODELS = {"hsnet": "hsnet", "hdmnet": "hdmnet", "pspnet": "pspnet"}
 # ------------------------------------------------------------------------ description
 def describe_run(cfg: DictConfig, datamodule: Any, eval_resolution: str) -> dict[str, Any]:
     """The run description stored in its checkpoints (plain Python values only)."""
-    import fss
     from fss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
@@ -72,7 +73,7 @@ def describe_run(cfg: DictConfig, datamodule: Any, eval_resolution: str) -> dict
     image_size = getattr(source, "image_size", None)
     return {
         "format": FORMAT,
-        "fss_version": fss.__version__,
+        "fss_version": __version__,
         "groups": _group_choices(cfg),
         "model": {"name": cfg.model.name, "net": net, "links": links},
         "backbone": cfg.backbone.name,
@@ -191,7 +192,7 @@ class InspectedCheckpoint:
 
 def inspect_checkpoint(path: str | Path) -> InspectedCheckpoint:
     """Reads ``path`` and tells what it is; ConfigError for anything unrecognised."""
-    loaded = read_checkpoint_file(path)
+    loaded = read_checkpoint(path)
     info = run_info(loaded)
     if info is not None:
         return InspectedCheckpoint(str(path), "fss", info=info, state_dict=loaded["state_dict"])
@@ -405,7 +406,7 @@ def _check_official(cfg: DictConfig, inspected: InspectedCheckpoint) -> None:
             fixes.append(f"model.net.num_classes_base={layout.num_classes - 1}")
     if fixes:
         raise ConfigError(f"{what}; this run is configured otherwise: pass {' '.join(fixes)}")
-    log.info("%s: loaded with the official importer (fss.models.official)", what)
+    log.info("%s: loaded with the official importer (fss.models.checkpoint_io)", what)
 
 
 def load_test_weights(inspected: InspectedCheckpoint, net: nn.Module) -> str | None:

@@ -247,7 +247,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net = build_model(cfg, weights)
 
     if hasattr(net, "calibrate"):
-        from fss.models.proto import calibrate_on_base_episodes
+        from fss.metrics.calibration import calibrate_on_base_episodes
 
         calibrate_on_base_episodes(net, datamodule, **cfg.model.get("calibration", {}))
 

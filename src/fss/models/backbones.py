@@ -21,12 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fss.models.checkpoint_io import read_checkpoint
 from fss.utils.errors import ConfigError
 
 BACKBONE_NAMES = ("vgg16", "resnet18", "resnet50", "resnet101")
@@ -256,19 +256,9 @@ def _read_state_dict(path: str | Path) -> Mapping[str, object]:
             "'imagenet' (torchvision download) or the path of a torchvision-format state dict "
             "(or a checkpoint with a 'state_dict')"
         )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Lightning checkpoints may pickle hyper-parameters (e.g. OmegaConf objects) that the
-        # safe loader refuses; the user named this file explicitly, so trust it.
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise ConfigError(
-                f"backbone weights {str(path)!r} cannot be read by torch.load "
-                f"({type(error).__name__}: {error}); pass a torchvision-format state dict "
-                "(or a checkpoint with a 'state_dict')"
-            ) from None
+    # Lightning checkpoints of other projects may hold hyper-parameters as OmegaConf
+    # objects: allowed by the one trust policy (fss.models.checkpoint_io.TRUST_POLICY).
+    loaded = read_checkpoint(path, f"backbone weights {str(path)!r}")
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):

@@ -3,20 +3,23 @@
 The prototype baseline is the classic masked-average-pooling matcher: cosine similarity of
 each query feature to the mean support feature under the mask, thresholded. Its threshold
 is chosen on BASE-class episodes (never on the test classes), so it is a fair, training-free
-yardstick for what a learned few-shot head adds on top of the same frozen features.
+yardstick for what a learned few-shot head adds on top of the same frozen features. The
+model only sweeps the thresholds (:meth:`PrototypeBaseline.calibrate`); the episodes and
+the score come from the caller (:func:`fss.metrics.calibration.calibrate_on_base_episodes`),
+so this module needs neither the data package nor the metrics.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.metrics import FewShotIoU
 from fss.models.backbones import build_backbone
 from fss.models.inputs import check_episode
 
@@ -80,17 +83,22 @@ class PrototypeBaseline(nn.Module):
                                  allow_empty_support=allow_empty_support)
         return (cosine > self.threshold).long()
 
-    def calibrate(self, batches: Iterable[dict[str, torch.Tensor]], thresholds: int = 41) -> float:
-        """Picks the threshold in [0, 1] with the best mIoU over the given (base) episodes
-        (dataset episodes: an empty support mask is accepted)."""
+    def calibrate(self, batches: Iterable[dict[str, torch.Tensor]], meter: Callable[[], Meter],
+                  thresholds: int = 41) -> float:
+        """Picks the threshold in [0, 1] with the best score over the given (base) episodes
+        (dataset episodes: an empty support mask is accepted). ``meter()`` makes one score
+        accumulator per candidate threshold (:class:`Meter`; the pipeline passes the
+        base-class mIoU of :mod:`fss.metrics.calibration`)."""
         candidates = np.linspace(0.0, 1.0, thresholds)
-        meters = [_GrowingIoU() for _ in candidates]
+        meters = [meter() for _ in candidates]
+        seen = False
         for batch in batches:
+            seen = True
             cosine = self.similarity(batch["query_img"], batch["support_imgs"], batch["support_masks"],
                                      allow_empty_support=True)
-            for meter, threshold in zip(meters, candidates, strict=True):
-                meter.update((cosine > threshold).long(), batch["query_mask"], batch["class_id"])
-        if not meters[0].meters:
+            for accumulator, threshold in zip(meters, candidates, strict=True):
+                accumulator.update((cosine > threshold).long(), batch["query_mask"], batch["class_id"])
+        if not seen:
             raise ValueError("no calibration episodes were given")
         scores = [m.miou() for m in meters]
         best = int(np.argmax(scores))
@@ -99,20 +107,13 @@ class PrototypeBaseline(nn.Module):
         return float(candidates[best])
 
 
-class _GrowingIoU:
-    """FewShotIoU over whatever classes show up (calibration sees the base classes)."""
+class Meter(Protocol):
+    """A score accumulated over episodes: ``update(preds, target, class_ids)``, ``miou()``."""
 
-    def __init__(self) -> None:
-        self.meters: dict[int, FewShotIoU] = {}
+    def update(self, preds: torch.Tensor, target: torch.Tensor,
+               class_ids: torch.Tensor) -> None: ...
 
-    def update(self, preds, target, class_ids) -> None:
-        for cls in class_ids.unique().tolist():
-            meter = self.meters.setdefault(cls, FewShotIoU([cls]))
-            keep = class_ids == cls
-            meter.update(preds[keep], target[keep], class_ids[keep])
-
-    def miou(self) -> float:
-        return float(np.mean([m.compute()["miou"].item() for m in self.meters.values()]))
+    def miou(self) -> float: ...
 
 
 class AllForeground(nn.Module):
@@ -133,17 +134,3 @@ class AllForeground(nn.Module):
         return self.forward(query_img, support_imgs, support_masks,
                             allow_empty_support=allow_empty_support).argmax(1)
 
-
-def calibrate_on_base_episodes(model: PrototypeBaseline, datamodule, episodes: int = 200,
-                               thresholds: int = 41) -> float:
-    """Calibrates on ``episodes`` base-class (training-split) episodes of the fold.
-
-    They come from their own seed, so they are not the training episodes of any run.
-    """
-    from torch.utils.data import DataLoader
-
-    dataset = datamodule.source.episodic(
-        "train", datamodule.fold, datamodule.shot, episodes, datamodule.seed + 1000
-    )
-    loader = DataLoader(dataset, batch_size=datamodule.test_batch_size, num_workers=datamodule.num_workers)
-    return model.calibrate(loader, thresholds=thresholds)

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fss.models.checkpoint_io import read_checkpoint
+
 PSP_BACKBONES = ("resnet50", "resnet101", "vgg16", "resnet_small")
 
 # Source layout of the ImageNet weight files: keys that the file may hold but that the
@@ -216,10 +218,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weight file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors have many types
-        raise RuntimeError(f"could not read {what} weight file {path}: {error}") from error
+    state = read_checkpoint(path, f"{what} weight file {path}")
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):

@@ -28,6 +28,7 @@ layers in training mode.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fss.models import pspnet_keys
+from fss.models.checkpoint_io import load_official_state_dict, read_official
 from fss.models.psp_backbones import (
     PSP_BACKBONES,
     build_psp_backbone,
     load_matching_state_dict,
     read_state_dict,
 )
+
+log = logging.getLogger(__name__)
+
+# BAM's second registration of layer0..4 (encoder.0..4), from the official key table.
+_BAM_COPIES = tuple(copy for copy, _ in pspnet_keys.DUPLICATES)
 
 PPM_BINS = (1, 2, 3, 6)
 MIN_INPUT_SIZE = 17
@@ -261,10 +269,15 @@ class PSPNet(nn.Module):
     def from_official_checkpoint(cls, path: str | Path | Mapping, **kwargs) -> PSPNet:
         """A PSPNet in eval mode from a BAM ``best.pth`` (backbone and class count read
         from the file; ``kwargs`` go to the constructor). Every key must match: see
-        :mod:`fss.models.official`."""
-        from fss.models.official import pspnet_from_official
-
-        return pspnet_from_official(path, **kwargs)
+        :mod:`fss.models.checkpoint_io` (key table :mod:`fss.models.pspnet_keys`)."""
+        checkpoint = read_official(path, kinds=("pspnet",))
+        layout = checkpoint.layout
+        settings: dict = {"backbone": layout.backbone, "num_classes": layout.num_classes}
+        settings.update(kwargs)
+        model = cls(**settings)
+        load_official_state_dict(model, "pspnet", checkpoint.state, checkpoint.name)
+        log.info("Loaded the %s from %s", layout.describe(), checkpoint.name)
+        return model.eval()
 
     def trainable_parameters(self) -> list[dict]:
         """Backbone at the base lr, PPM + classifier at 10× (BAM ``index_split=0``; the
@@ -297,7 +310,7 @@ def pspnet_state_dict_from_checkpoint(
             if not key.startswith(prefix):
                 continue
             key = key[len(prefix) :]
-        if key.startswith("encoder."):
+        if key.startswith(_BAM_COPIES):
             continue
         result[key] = value
     if not result:

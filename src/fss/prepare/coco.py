@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fss.data.io import save_bytes, save_label_png
-from fss.prepare import Report, list_store
+from fss.prepare.common import Report, list_store
 from fss.prepare.inputs import check_input, members
 from fss.prepare.pascal import write_base_label_maps
 from fss.utils.errors import DataError

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fss.data.io import save_bytes
-from fss.prepare import Report, list_store
+from fss.prepare.common import Report, list_store
 from fss.prepare.inputs import check_input, members
 from fss.utils.errors import DataError
 

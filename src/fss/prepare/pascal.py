@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fss.data.io import check_label_values, save_bytes, save_label_png, voc_palette
-from fss.prepare import Report, list_store
+from fss.prepare.common import Report, list_store
 from fss.prepare.inputs import check_input, members
 from fss.utils.errors import DataError
 

@@ -3,7 +3,7 @@
 Tokens are (B, L, C) with L = h·w in row-major order; ``hw`` carries (h, w). Every
 LayerNorm uses eps 1e-6. Attribute names follow the official checkpoints (``norm1``,
 ``attn.attn.linear_q``, ``attn.sr``, ``ffn.layers.0`` …, ``projection``), so an official
-state dict maps by prefix only (``fss.models.hdmnet.model.convert_official_state_dict``).
+state dict maps by prefix only (``fss.models.checkpoint_io.convert_official_state_dict``).
 """
 
 from __future__ import annotations

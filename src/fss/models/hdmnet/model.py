@@ -36,6 +36,7 @@ explicit ``class_ids`` argument instead of the training flag.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fss.models.boxes import nonzero_box, worth_pruning
+from fss.models.checkpoint_io import load_official_state_dict, read_official
 from fss.models.folding import FoldedCache
 from fss.models.hdmnet.attention import SelfAttentionStage
 from fss.models.hdmnet.distillation import correlation_distillation_loss
@@ -59,6 +61,8 @@ from fss.models.pspnet import (
     check_input_size,
     load_pspnet_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 SUPPORT_MASK_MODES = ("image", "feature")
 MAX_STAGES = 4
@@ -603,25 +607,28 @@ class HDMNet(nn.Module):
     def from_official_checkpoint(cls, path: str | Path | Mapping, **kwargs) -> HDMNet:
         """An HDMNet in eval mode from an official checkpoint (Pbihao/HDMNet
         ``train_epoch_*.pth`` / ``final.pth``: the whole ``OneModel``, frozen PSPNet
-        included), or from a BAM PSPNet ``best.pth`` (only the base learner is loaded; the
-        meta-learner keeps its initialisation).
+        included; key table :mod:`fss.models.hdmnet_keys`), or from a BAM PSPNet
+        ``best.pth`` (only the base learner is loaded; the meta-learner keeps its
+        initialisation: the starting point of official training).
 
         Backbone, base-class count and shot are read from the file; ``kwargs`` go to the
         constructor and win. Unknown, missing or mis-shaped keys raise a
-        :class:`~fss.models.official.CheckpointMismatchError` that names them.
+        :class:`~fss.models.checkpoint_io.CheckpointMismatchError` that names them.
         """
-        from fss.models.official import hdmnet_from_official
-
-        return hdmnet_from_official(path, **kwargs)
-
-
-def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the keys of an official HDMNet checkpoint's ``state_dict`` to this module's
-    (then ``model.load_state_dict(converted)``). Only prefixes differ: the transformer
-    blocks carry the official names and indices. Keys with no counterpart are kept under
-    their own name (without ``module.``), so that a strict load names them."""
-    from fss.models.official import convert_state_dict, strip_parallel_prefix
-
-    converted, unknown, _ = convert_state_dict("hdmnet", state)
-    stripped, _ = strip_parallel_prefix({key: state[key] for key in unknown})
-    return {**converted, **stripped}
+        checkpoint = read_official(path, kinds=("hdmnet", "pspnet"))
+        layout = checkpoint.layout
+        settings: dict = {"backbone": layout.backbone, "shot": layout.shot,
+                          "kshot_hidden": layout.kshot_hidden}
+        if layout.num_classes is not None:
+            settings["num_classes_base"] = layout.num_classes - 1
+        settings.update(kwargs)
+        settings["weights"] = None
+        model = cls(**settings)
+        if layout.kind == "hdmnet":
+            load_official_state_dict(model, "hdmnet", checkpoint.state, checkpoint.name)
+        else:
+            load_official_state_dict(model.pspnet, "pspnet", checkpoint.state, checkpoint.name)
+            log.warning("%s is a base learner only: HDMNet's meta-learner keeps its random "
+                        "initialisation (train it before testing)", checkpoint.name)
+        log.info("Loaded the %s from %s", layout.describe(), checkpoint.name)
+        return model.eval()

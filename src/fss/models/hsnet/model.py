@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fss.models.backbones import FeatureBackbone, build_backbone
+from fss.models.checkpoint_io import load_official_state_dict, read_official, unwrap_state_dict
 from fss.models.folding import FoldedCache
 from fss.models.hsnet.correlation import hypercorrelation_pyramid, mask_features
 from fss.models.hsnet.learner import HypercorrelationLearner
 from fss.models.inputs import check_episode, check_query_mask
 from fss.utils.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 MIN_SIZE = 32
 SIZE_MULTIPLE = 8
@@ -237,35 +241,28 @@ class HSNet(nn.Module):
         cls, path: str | Path | Mapping, backbone: str | None = None, **kwargs
     ) -> HSNet:
         """An HSNet in eval mode with the weights of an official ``best_model.pt``
-        (juhongm999/hsnet: the DataParallel state dict, backbone included).
+        (juhongm999/hsnet: the DataParallel state dict, backbone included; key table
+        :mod:`fss.models.hsnet_keys`).
 
         The backbone is read from the file (``backbone``, if given, must agree); ``kwargs``
         go to the constructor. Unknown, missing or mis-shaped keys raise a
-        :class:`~fss.models.official.CheckpointMismatchError` that names them.
+        :class:`~fss.models.checkpoint_io.CheckpointMismatchError` that names them.
         """
-        from fss.models.official import hsnet_from_official
-
-        return hsnet_from_official(path, backbone=backbone, **kwargs)
+        checkpoint = read_official(path, kinds=("hsnet",))
+        layout = checkpoint.layout
+        if backbone is not None and backbone != layout.backbone:
+            raise ConfigError(f"{checkpoint.name} is an official HSNet {layout.backbone} "
+                              f"checkpoint, not {backbone}: pass backbone={layout.backbone}")
+        model = cls(layout.backbone, weights=None, **kwargs)
+        load_official_state_dict(model, "hsnet", checkpoint.state, checkpoint.name)
+        log.info("Loaded the %s from %s", layout.describe(), checkpoint.name)
+        return model.eval()
 
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load the official HSNet state dict (``module.hpn_learner.encoder_layer4...``, or a
         dict holding it under ``state_dict``) into this model, backbone included; every key
-        must match (see :mod:`fss.models.official`)."""
-        from fss.models.official import load_official_state_dict, unwrap_state_dict
-
+        must match (see :mod:`fss.models.checkpoint_io`)."""
         load_official_state_dict(self, "hsnet", unwrap_state_dict(state_dict))
-
-
-def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename official HSNet keys to ours (``module.hpn_learner.encoder_layer4.0.conv1.weight``
-    -> ``learner.squeeze_l4.0.conv1.weight``); drops the backbone's classifier head. Keys
-    with no counterpart are kept under their own name (without ``module.``), so that a
-    strict load names them."""
-    from fss.models.official import convert_state_dict, strip_parallel_prefix
-
-    converted, unknown, _ = convert_state_dict("hsnet", state_dict)
-    stripped, _ = strip_parallel_prefix({key: state_dict[key] for key in unknown})
-    return {**converted, **stripped}
 
 
 def select_taps(tap_groups: Sequence[int], taps: str, pyramid_levels: Sequence[int]) -> list[int]:
