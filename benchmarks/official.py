@@ -118,15 +118,14 @@ class OfficialHDMNet:
         import argparse
         import tempfile
 
-        from fss.models.official import ours_to_official
+        from fss.models.checkpoint_io import to_official_state_dict
 
         path = Path(path).expanduser().resolve()
         if not (path / "model" / "HDMNet.py").is_file():
             raise SystemExit(f"--compare {path}: no model/HDMNet.py there; point it at a checkout "
                              "of github.com/Pbihao/HDMNet (outside this repository)")
         _stub_mmcv_ops()
-        official_state = {ours_to_official("hdmnet", key): value
-                          for key, value in ours.state_dict().items()}
+        official_state = to_official_state_dict(ours.state_dict(), "hdmnet")
         pspnet_state = {}
         for key, value in official_state.items():
             for part in ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.", "ppm.", "cls.0.",

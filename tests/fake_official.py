@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fss.models import HSNet
-from fss.models.official import ours_to_official
+from fss.models.checkpoint_io import to_official_state_dict
 
 
 class HypercorrSqueezeNetwork(torch.nn.Module):
@@ -26,8 +26,7 @@ class HypercorrSqueezeNetwork(torch.nn.Module):
         self.inner = HSNet(backbone=backbone, weights=None)
 
     def state_dict(self, *args, **kwargs):
-        return {ours_to_official("hsnet", key): value
-                for key, value in self.inner.state_dict().items()}
+        return to_official_state_dict(self.inner.state_dict(), "hsnet")
 
     def forward(self, query_img, support_img, support_mask):
         return self.inner.per_shot_logits(query_img, support_img[:, None],
