@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "predict"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,4 +14,10 @@ def __getattr__(name: str) -> Any:
         from fss.checkpoints import load_model
 
         return load_model
+    if name == "predict":
+        # The implementation lives in fss.prediction: a submodule named `predict` would
+        # replace this function by the module once anything imported it.
+        from fss.prediction import predict
+
+        return predict
     raise AttributeError(f"module 'fss' has no attribute {name!r}")
