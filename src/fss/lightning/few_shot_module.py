@@ -135,23 +135,11 @@ class FewShotModule(L.LightningModule):
         """Per episode, the (H0, W0) int64 {0, 1} prediction at its original label size
         ``query_size_orig``: logits upsampled per sample (so any batch size gives the same
         result), then argmax, or HSNet's K-shot vote over the upsampled per-shot logits."""
-        inputs = (batch["query_img"], batch["support_imgs"], batch["support_masks"])
-        per_shot = getattr(self.model, "per_shot_logits", None)
-        if per_shot is not None:
-            from fss.models.hsnet.model import vote  # the K-shot rule of per-shot models
-
-            logits = per_shot(*inputs, **empty_support_kwargs(per_shot))  # (B, K, 2, H, W)
-        else:
-            # (B, 1, 2, H, W): argmax
-            logits = self.model(*inputs, **empty_support_kwargs(self.model)).unsqueeze(1)
-            vote = _argmax_of_single_shot
-        preds = []
-        for sample_logits, (height, width) in zip(logits, batch["query_size_orig"].tolist(),
-                                                  strict=True):
-            upsampled = F.interpolate(sample_logits, size=(height, width), mode="bilinear",
-                                      align_corners=True)  # (K, 2, H0, W0)
-            preds.append(vote(upsampled[None])[0])
-        return preds
+        logits, combine = shot_logits(
+            self.model, batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        return [combine(upsample_logits(sample_logits, (height, width))[None])[0]
+                for sample_logits, (height, width)
+                in zip(logits, batch["query_size_orig"].tolist(), strict=True)]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_iou)
@@ -212,6 +200,40 @@ def seed_step(seed: int, step: int) -> None:
     torch.manual_seed(int(state[0]))
     np.random.seed(int(state[1]))
     random.seed(int(state[1]))
+
+
+@torch.no_grad()
+def shot_logits(
+    model: nn.Module,
+    query_img: torch.Tensor,
+    support_imgs: torch.Tensor,
+    support_masks: torch.Tensor,
+    *,
+    allow_empty_support: bool = True,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The logits that evaluation at the original size upsamples, and the rule that turns
+    upsampled logits into a mask (shared with :mod:`fss.predict`).
+
+    Models with ``per_shot_logits`` (HSNet): (B, K, 2, H, W) and HSNet's K-shot vote;
+    others: the forward logits as (B, 1, 2, H, W) and the argmax. The rule maps
+    (B, K, 2, H0, W0) logits to (B, H0, W0) int64 {0, 1}. ``allow_empty_support`` is passed
+    to every model that takes it (benchmark episodes can lose a support's object).
+    """
+    inputs = (query_img, support_imgs, support_masks)
+    per_shot = getattr(model, "per_shot_logits", None)
+    if per_shot is not None:
+        from fss.models.hsnet.model import vote  # the K-shot rule of per-shot models
+
+        options = empty_support_kwargs(per_shot) if allow_empty_support else {}
+        return per_shot(*inputs, **options), vote
+    options = empty_support_kwargs(model) if allow_empty_support else {}
+    return model(*inputs, **options).unsqueeze(1), _argmax_of_single_shot
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 2, H, W) logits -> (N, 2, *size): bilinear, align_corners=True (the models'
+    own upsampling)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
 def _argmax_of_single_shot(logits: torch.Tensor) -> torch.Tensor:
