@@ -1,4 +1,4 @@
-"""Shared fixtures: compose the real Hydra configs, shrunk for tests."""
+"""Shared fixtures: compose the real Hydra configs, shrunk for tests; the ``gpu`` marker."""
 
 from __future__ import annotations
 
@@ -7,31 +7,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-ROOT = Path(__file__).resolve().parents[1]
+# Re-exported for test files that still import them from here; new code imports
+# tests.helpers.config.
+from tests.helpers.config import OFFICIAL_LISTS, ROOT, compose_config
+
+__all__ = ["OFFICIAL_LISTS", "ROOT", "compose_config"]
+
+pytest_plugins = ["pytester"]  # tests/test_harness.py runs pytest on made-up test files
+
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-OFFICIAL_LISTS = ROOT.parent / "shared" / "data" / "official-lists"
+NEEDS_CUDA = "needs a CUDA device"
 
 
-def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path | None = None):
-    """The real config with outputs (and the pretraining cache) under ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="config",
-            overrides=[
-                f"paths.output_dir={output_dir}",
-                f"paths.cache_dir={cache_dir or output_dir / 'cache'}",
-                f"paths.log_dir={output_dir / 'logs'}",
-                *overrides,
-            ],
-        )
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with one reason, on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NEEDS_CUDA)
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture
