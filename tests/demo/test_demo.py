@@ -262,5 +262,5 @@ def test_page_with_an_uploaded_mask_gives_fss_predict(browser, server, model, tm
 
 
 def test_docs_name_the_command():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "demo.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "demo.md").read_text()
     assert "fss-demo --checkpoint" in text
