@@ -35,8 +35,8 @@ from fss.data.episodes import (
     episode_mask,
     item_rng,
 )
-from fss.data.transforms import IGNORE_INDEX
 from fss.data.io import check_same_size, read_image, resize_image, resize_label
+from fss.data.transforms import IGNORE_INDEX
 from fss.utils.errors import ConfigError, DataError
 
 PROTOCOLS = tuple(protocols.PROTOCOLS)
