@@ -428,6 +428,8 @@ class RealSource(FewShotSource):
         draws = None
         if split == "test" and self.episodes == "official":
             draws = self.official_draws(plan, fold, shot, num_episodes, seed)
+        elif split != "train" and self.family == "hsnet":
+            check_enough_supports(plan, shot, f"{self.name} {split} fold {fold}")
         return ListEpisodicDataset(
             plan,
             read_mask=self._read_mask,
@@ -501,6 +503,18 @@ class RealSource(FewShotSource):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root='{self.root}', protocol={self.protocol!r}, "
                 f"image_size={self.image_size}, fold_scheme={self.fold_scheme!r})")
+
+
+def check_enough_supports(plan: Plan, shot: int, where: str) -> None:
+    """ConfigError when a class of an HSNet-protocol plan (every query asks for its one
+    class) has fewer than ``shot`` images besides the query."""
+    asked = {c for _, candidates in plan.queries for c in candidates} or set(plan.classes)
+    for class_id in sorted(asked):
+        images = len(set(plan.pools.get(class_id, ())))
+        if images - 1 < shot:
+            raise ConfigError(f"shot={shot}: {where} has {images} image(s) of class {class_id}, "
+                              f"so at most {max(images - 1, 0)} support(s) besides the query; "
+                              "lower shot")
 
 
 def draws_to_records(
