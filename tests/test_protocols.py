@@ -112,7 +112,7 @@ def test_protocol_lands_in_metrics_and_every_report_row(compose_cfg, tree, tmp_p
     assert row.mean_ci95 == pytest.approx(half)
     csv_text = report.csv.read_text()
     assert "best of N seeds" in csv_text.splitlines()[0]
-    assert f"(best of 3)" in csv_text and f"hdmnet {SIZE}² original-size" in csv_text
+    assert "(best of 3)" in csv_text and f"hdmnet {SIZE}² original-size" in csv_text
     markdown = report.markdown.read_text()
     assert "Protocol `hdmnet" in markdown and "train_filter=drop training images" in markdown
 
