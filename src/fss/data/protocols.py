@@ -139,6 +139,8 @@ def protocol_record(source: Any, eval_resolution: str | None = None) -> dict[str
     its settings for the source's dataset, and the values the run actually uses where the
     configuration overrides them (``image_size``, ``eval_resolution``, ``ignore_boundary``,
     ``episodes``). None for sources without a protocol (synthetic data)."""
+    if getattr(source, "protocol", None) is None and hasattr(source, "test"):
+        source = source.test  # cross-dataset testing: the test dataset's protocol
     name = getattr(source, "protocol", None)
     dataset = getattr(source, "dataset", None)
     if name is None or dataset is None:

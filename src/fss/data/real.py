@@ -458,6 +458,10 @@ class RealSource(FewShotSource):
         """Test episodes of the given classes instead of a fold's novel ones (cross-dataset
         testing, e.g. COCO-20i -> PASCAL-5i): the test split's images, the protocol's
         transform, episodes as for ``episodic("test", ...)``."""
+        if self.episodes == "official":
+            raise ConfigError("data.episodes=official replays a fold's official test stream; "
+                              "testing on another dataset's classes draws seeded episodes only: "
+                              "use data.episodes=seeded")
         classes = sorted({int(c) for c in classes})
         if not classes or not all(0 <= c < self.num_classes for c in classes):
             raise ConfigError(f"test classes {classes} of {self.name} must be a non-empty "
