@@ -181,6 +181,24 @@ def test_the_test_seed_is_the_official_generator_seed(pascal_tree):
         [dataset.episode_ids(i) for i in range(20)]
 
 
+def test_a_test_run_draws_the_official_episodes(compose_cfg, pascal_tree, tmp_path):
+    from fss.metrics import episodes
+    from fss.pipeline import run
+
+    metrics = run(compose_cfg([
+        "model=all_foreground", "mode=test", "backbone.weights=none", "data=pascal", "fold=2",
+        "shot=5", f"paths.data_root={pascal_tree / 'data'}",
+        f"data.lists_dir={pascal_tree / 'lists'}", "data.lists_verify=false",
+        "data.image_size=32", "data.module.num_workers=0", "data.module.pin_memory=false",
+        "data.module.test_episodes=12", "data.module.test_batch_size=5", "logger=none",
+        "callbacks=none", "data.episodes=official"]))
+    rows = episodes.read(tmp_path / "episodes.csv")
+    pairs = hsnet_pascal_pairs(store(pascal_tree), "val", 2)
+    expected = reference_pascal(pairs, 5, 12)
+    assert [(r["class"], r["query"], r["supports"].split(";")) for r in rows] == expected
+    assert metrics["protocol"]["episodes"] == "official" and metrics["test_seed"] == 0
+
+
 # --------------------------------------------------------------- official lists (shared)
 needs_lists = pytest.mark.skipif(not (OFFICIAL_LISTS / "hsnet").is_dir(),
                                  reason="../shared/data/official-lists not present")
