@@ -263,6 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_info=describe_run(cfg, datamodule, eval_resolution),  # saved in its checkpoints
         compile=bool(cfg.model.get("compile", False)),
         seed=cfg.seed,
+        episodes_csv=output_dir / "episodes.csv",  # per-episode record (fss.metrics.episodes)
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainable = bool(cfg.model.get("trainable", True))
@@ -316,6 +317,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if metrics["weights"] == "untrained":
         metrics["warning"] = UNTRAINED_WARNING
         log.warning("%s", UNTRAINED_WARNING)
+    metrics["protocol"] = module.protocol_record()  # name and settings (fss.data.protocols)
     if seeds:
         metrics.update(_seed_summary(per_seed))
     else:

@@ -232,8 +232,8 @@ def test_size_mismatch_names_both_files(tree, broken):
 
 
 def test_unknown_protocol_lists_the_accepted_ones(tree):
-    with pytest.raises(ConfigError, match="accepted: hsnet, pfenet"):
-        make_source(tree, protocol="bam")
+    with pytest.raises(ConfigError, match="accepted: hsnet, pfenet, bam, hdmnet"):
+        make_source(tree, protocol="panet")
 
 
 # ------------------------------------------------------------------------- end to end

@@ -67,6 +67,15 @@ def test_two_cpu_processes_write_once_and_match_one_process(tmp_path):
     assert ddp["episodes"] == one["episodes"] == 8
     assert (ddp["mIoU"], ddp["FB-IoU"], ddp["class_iou"]) == \
         (one["mIoU"], one["FB-IoU"], one["class_iou"])
+    # episodes.csv: every episode once, gathered from both ranks, in index order.
+    from fss.metrics import episodes
+
+    rows = {name: episodes.read(d / "episodes.csv") for name, d in (("one", one_dir),
+                                                                    ("ddp", run_dir))}
+    identity = {name: [[r[k] for k in episodes.IDENTITY] for r in table]
+                for name, table in rows.items()}
+    assert identity["ddp"] == identity["one"] and len(identity["ddp"]) == 8
+    assert episodes.scores(rows["ddp"])["miou"] == pytest.approx(ddp["mIoU"], abs=0.005)
     # The same optimizer steps: the learned weights and the all-rank epoch loss agree.
     assert _epoch_loss(run_dir) == pytest.approx(_epoch_loss(one_dir), abs=1e-6)
     weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu",

@@ -147,7 +147,7 @@ def test_multirun_over_two_folds_in_parallel_then_report(tmp_path):
     assert lines[1] == ",".join([
         "proto", "synth", "resnet18", "1", "", f"{mious[0]:.2f}", f"{mious[1]:.2f}", "", "",
         "2/2", f"{mean:.2f}", f"{(fbious[0] + fbious[1]) / 2:.2f}", "55.00",
-        f"{mean - 55.0:+.2f}", ""])
+        f"{mean - 55.0:+.2f}", "", "", "", "", ""])  # one seed, synthetic: no protocol
     assert "2 job directories (2 ok); the sweep launches 2 jobs, 0 never started" \
         in report.markdown.read_text()
 

@@ -77,6 +77,10 @@ def table_sweep(tmp_path) -> Path:
     return root
 
 
+# The seed and protocol columns of a row of one-seed jobs without a protocol record.
+ONE_SEED_NO_PROTOCOL = {"seeds": "", "± 95 % (seeds)": "", "best of N seeds": "", "protocol": ""}
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open() as handle:
         return list(csv.DictReader(handle))
@@ -98,24 +102,25 @@ def test_paper_table_with_failed_and_missing_jobs(table_sweep, capsys):
         {"model": "hsnet", "data": "pascal", "backbone": "resnet50", "shot": "1", "variant": "",
          "fold0": "63.10", "fold1": "70.90", "fold2": "59.80", "fold3": "61.20", "folds": "4/4",
          "mean": "63.75", "FB-IoU": "75.50", "paper": "64.00", "Δ": "-0.25",
-         "paper FB-IoU": "76.50"},
+         "paper FB-IoU": "76.50", **ONE_SEED_NO_PROTOCOL},
         # Fold 2 failed and fold 3 never ran: mean over folds 0-1, compared with the paper's
         # folds 0-1 ((70.3 + 73.2) / 2 = 71.75), not with its 4-fold mean.
         {"model": "hsnet", "data": "pascal", "backbone": "resnet50", "shot": "5", "variant": "",
          "fold0": "70.00", "fold1": "72.50", "fold2": "failed", "fold3": "", "folds": "2/4",
          "mean": "71.25", "FB-IoU": "80.50", "paper": "71.75", "Δ": "-0.50",
-         "paper FB-IoU": "80.60"},
+         "paper FB-IoU": "80.60", **ONE_SEED_NO_PROTOCOL},
     ]
 
     markdown = (table_sweep / "report.md").read_text()
     table = markdown_rows(markdown)
     assert table[0][:5] == ["model", "data", "backbone", "shot", "variant"]
     assert table[0][5:] == ["fold0", "fold1", "fold2", "fold3", "folds", "mean", "FB-IoU",
-                            "paper", "Δ", "paper FB-IoU"]
+                            "paper", "Δ", "paper FB-IoU", *ONE_SEED_NO_PROTOCOL]
     assert table[1] == ["hsnet", "pascal", "resnet50", "1", "", "63.10", "70.90", "59.80",
-                        "61.20", "4/4", "63.75", "75.50", "64.00", "-0.25", "76.50"]
+                        "61.20", "4/4", "63.75", "75.50", "64.00", "-0.25", "76.50", "", "", "",
+                        ""]
     assert table[2] == ["hsnet", "pascal", "resnet50", "5", "", "70.00", "72.50", "failed", "—",
-                        "2/4", "71.25", "80.50", "71.75", "-0.50", "80.60"]
+                        "2/4", "71.25", "80.50", "71.75", "-0.50", "80.60", "", "", "", ""]
     assert "7 job directories (6 ok, 1 failed); the sweep launches 8 jobs, 1 never started." \
         in markdown
     assert "Paper numbers: HSNet (ICCV 2021) Table 1 (mIoU)." in markdown

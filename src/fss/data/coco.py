@@ -40,15 +40,17 @@ from fss.data.lists import (
     hsnet_coco_classwise,
     sha256_of,
 )
+from fss.data.official import hsnet_coco_stream
 from fss.data.real import (
     Augmentation,
     Plan,
     RealSource,
     Record,
     RecordTable,
+    draws_to_records,
     plan_from_fold_lists,
 )
-from fss.utils.errors import DataError
+from fss.utils.errors import ConfigError, DataError
 
 CLASS_NAMES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -81,9 +83,13 @@ class CocoSource(RealSource):
         lists: where the official lists come from (default: download + cache).
         cache_dir: where built lists are cached (default: ``lists.cache_dir / "built"``).
         train_augmentation, semantic_augmentation: see :class:`~fss.data.real.RealSource`.
+        episodes: ``seeded`` or ``official`` (HSNet's test stream; hsnet protocol,
+            interleaved folds; ``fss.data.official``).
+        ignore_boundary: see :class:`~fss.data.pascal.PascalSource` (COCO masks have no 255).
     """
 
     name = "coco20i"
+    dataset = "coco"
     num_classes = 80
     num_folds = 4
     class_names = CLASS_NAMES
@@ -102,9 +108,11 @@ class CocoSource(RealSource):
         cache_dir: str | Path | None = None,
         train_augmentation: Augmentation | None = None,
         semantic_augmentation: Augmentation | None = None,
+        episodes: str = "seeded",
+        ignore_boundary: bool | None = None,
     ):
         super().__init__(root, protocol, image_size, augment, fold_scheme,
-                         train_augmentation, semantic_augmentation)
+                         train_augmentation, semantic_augmentation, episodes, ignore_boundary)
         self.lists = lists or ListStore()
         self.cache_dir = Path(cache_dir) if cache_dir else self.lists.cache_dir / "built"
         self.folder = self.root / "COCO2014"
@@ -142,10 +150,10 @@ class CocoSource(RealSource):
         return result
 
     def _plan(self, split: str, fold: int) -> Plan:
-        if self.protocol == "hsnet":
+        if self.family == "hsnet":
             classwise = self.hsnet_classwise("trn" if split == "train" else "val", fold)
             table = RecordTable()
-            pools = {c: [table.add(*self._pair(image)) for image in images]
+            pools = {c: [table.add(*self._pair(image), name=image) for image in images]
                      for c, images in classwise.items()}
             # Query candidates only matter for "list"/"shuffle"; "class" draws from pools.
             # HSNet's epoch length is its number of distinct images.
@@ -162,6 +170,16 @@ class CocoSource(RealSource):
         lists = self.pfenet_lists(split, fold)
         return plan_from_fold_lists(lists.data_list, lists.sub_class, self.folder,
                                     "shuffle" if split == "train" else "list")
+
+    def official_draws(self, plan: Plan, fold: int, shot: int, num_episodes: int,
+                       seed: int) -> list[tuple[int, int, list[int]]]:
+        """HSNet's test stream (``fss.data.official.hsnet_coco_stream``) on ``plan``."""
+        if self.fold_scheme != "interleaved":
+            raise ConfigError("data.episodes=official replays HSNet's COCO-20i folds: it needs "
+                              "data.fold_scheme=interleaved")
+        classwise = hsnet_coco_classwise(self.lists, "val", fold)
+        draws = hsnet_coco_stream(classwise, self.novel_classes(fold), shot, num_episodes, seed)
+        return draws_to_records(plan, draws, f"{self.name} fold {fold}")
 
     # -- PFENet protocol -----------------------------------------------------------------
     def source_pairs(self, split: str) -> list[tuple[str, str]]:

@@ -62,6 +62,9 @@ class Episode:
     support_masks:  K arrays (H, W) uint8 {0, 1, 255}.
     query_mask_orig: optional (H0, W0) uint8 {0, 1, 255}, the query mask at the original
                     label resolution (real datasets' val/test episodes), for scoring there.
+    query_id:       the query image as the dataset's lists name it (synthetic scenes: their
+                    seed), recorded in ``episodes.csv``.
+    support_ids:    the supports' ids in draw order.
     """
 
     class_id: int
@@ -70,6 +73,12 @@ class Episode:
     support_images: Sequence[np.ndarray]
     support_masks: Sequence[np.ndarray]
     query_mask_orig: np.ndarray | None = None
+    query_id: str = ""
+    support_ids: Sequence[str] = ()
+
+
+# Separator of the support ids in episodes.csv.
+ID_SEPARATOR = ";"
 
 
 def episode_to_tensors(episode: Episode, index: int) -> dict[str, torch.Tensor]:
@@ -157,6 +166,13 @@ class EpisodicDataset(Dataset, ABC):
 
         Must return ``self.shot`` supports, none of them the query.
         """
+
+    def episode_ids(self, index: int) -> tuple[str, list[str]]:
+        """The query's and the supports' ids of episode ``index`` (of ``self.epoch``), as
+        :attr:`Episode.query_id` / ``support_ids`` name them. This default builds the whole
+        episode; datasets that can draw an episode without loading it override it."""
+        episode = self.sample_episode(item_rng(self.seed, self.epoch, index), index)
+        return episode.query_id, list(episode.support_ids)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index = _follow_epoch(self, key)

@@ -21,7 +21,15 @@ from PIL import Image, UnidentifiedImageError
 
 from fss.data.io import require_dir
 from fss.data.lists import ListStore, fss_classes
-from fss.data.real import Plan, RealSource, Record, RecordTable, pools_from_queries
+from fss.data.official import hsnet_fss_stream
+from fss.data.real import (
+    Plan,
+    RealSource,
+    Record,
+    RecordTable,
+    draws_to_records,
+    pools_from_queries,
+)
 from fss.utils.errors import ConfigError, DataError
 
 SPLIT_FILES = {"train": "trn", "val": "val", "test": "test"}
@@ -35,6 +43,7 @@ class FSS1000Source(RealSource):
     """FSS-1000 (see the module docstring)."""
 
     name = "fss1000"
+    dataset = "fss1000"
     num_classes = 1000
     num_folds = 1
     PROTOCOLS = ("hsnet",)
@@ -46,8 +55,11 @@ class FSS1000Source(RealSource):
         protocol: str = "hsnet",
         image_size: int | None = None,
         lists: ListStore | None = None,
+        episodes: str = "seeded",
+        ignore_boundary: bool | None = None,
     ):
-        super().__init__(root, protocol, image_size, augment=False, fold_scheme="contiguous")
+        super().__init__(root, protocol, image_size, augment=False, fold_scheme="contiguous",
+                         episodes=episodes, ignore_boundary=ignore_boundary)
         self.lists = lists or ListStore()
         self.folder = self.root / "FSS-1000"
         self._names: dict[str, list[str]] = {}
@@ -104,10 +116,18 @@ class FSS1000Source(RealSource):
                                 "re-run the prepare command")
             for image in images:
                 jpg = folder / image
-                queries.append((table.add(jpg, jpg.with_suffix(".png"), class_id), (class_id,)))
+                record = table.add(jpg, jpg.with_suffix(".png"), class_id, name=f"{name}/{image}")
+                queries.append((record, (class_id,)))
         classes = self._ids(split)
         return Plan(table.records, queries, pools_from_queries(queries, classes),
                     "shuffle" if split == "train" else "list", classes)
+
+    def official_draws(self, plan: Plan, fold: int, shot: int, num_episodes: int,
+                       seed: int) -> list[tuple[int, int, list[int]]]:
+        """HSNet's test stream (``fss.data.official.hsnet_fss_stream``) on ``plan``."""
+        queries = [(plan.records[r].id, classes[0]) for r, classes in plan.queries]
+        draws = hsnet_fss_stream(queries, shot, num_episodes, seed)
+        return draws_to_records(plan, draws, "FSS-1000 test")
 
     def _read_mask(self, record: Record, class_id: int) -> np.ndarray:
         """Binary mask (>= 128 -> 1); its class is the record's (class ids exceed uint8)."""

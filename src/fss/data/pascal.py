@@ -35,12 +35,14 @@ from fss.data.lists import (
     read_pair_list,
     sha256_of,
 )
+from fss.data.official import hsnet_pascal_stream
 from fss.data.real import (
     Augmentation,
     Plan,
     RealSource,
     Record,
     RecordTable,
+    draws_to_records,
     plan_from_fold_lists,
     pools_from_queries,
 )
@@ -68,9 +70,14 @@ class PascalSource(RealSource):
         lists: where the official lists come from (default: download + cache).
         cache_dir: where built lists are cached (default: ``lists.cache_dir / "built"``).
         train_augmentation, semantic_augmentation: see :class:`~fss.data.real.RealSource`.
+        episodes: ``seeded`` (episode i from (seed, i)) or ``official`` (HSNet's test stream,
+            hsnet protocol; ``fss.data.official``).
+        ignore_boundary: false scores boundary pixels (255) as background (Table A1 of
+            HSNet); None: the protocol's (true).
     """
 
     name = "pascal5i"
+    dataset = "pascal"
     num_classes = 20
     num_folds = 4
     class_names = CLASS_NAMES
@@ -88,9 +95,11 @@ class PascalSource(RealSource):
         cache_dir: str | Path | None = None,
         train_augmentation: Augmentation | None = None,
         semantic_augmentation: Augmentation | None = None,
+        episodes: str = "seeded",
+        ignore_boundary: bool | None = None,
     ):
         super().__init__(root, protocol, image_size, augment, "contiguous",
-                         train_augmentation, semantic_augmentation)
+                         train_augmentation, semantic_augmentation, episodes, ignore_boundary)
         self.lists = lists or ListStore()
         self.cache_dir = Path(cache_dir) if cache_dir else self.lists.cache_dir / "built"
         self.folder = self.root / "VOC2012"
@@ -118,13 +127,19 @@ class PascalSource(RealSource):
         return hsnet_pascal_pairs(self.lists, "val", fold)
 
     def _plan(self, split: str, fold: int) -> Plan:
-        if self.protocol == "hsnet":
+        if self.family == "hsnet":
             classes = self.base_classes(fold) if split == "train" else self.novel_classes(fold)
             order = "shuffle" if split == "train" else "list"
             return self._hsnet_plan(self.hsnet_pairs(split, fold), classes, order)
         lists = self.pfenet_lists(split, fold)
         return plan_from_fold_lists(lists.data_list, lists.sub_class, self.folder,
                                     "shuffle" if split == "train" else "list")
+
+    def official_draws(self, plan: Plan, fold: int, shot: int, num_episodes: int,
+                       seed: int) -> list[tuple[int, int, list[int]]]:
+        """HSNet's test stream (``fss.data.official.hsnet_pascal_stream``) on ``plan``."""
+        draws = hsnet_pascal_stream(self.hsnet_pairs("test", fold), shot, num_episodes, seed)
+        return draws_to_records(plan, draws, f"{self.name} fold {fold}")
 
     def _hsnet_plan(self, pairs: list[tuple[str, int]], classes: list[int], order: str) -> Plan:
         table = RecordTable()
@@ -136,7 +151,7 @@ class PascalSource(RealSource):
         """Test episodes of any classes: hsnet, the pairs of those classes in the four
         ``val`` lists (in fold order, then list order); pfenet, the test list's images
         with one of them (>= 2048 pixels to be asked for), as for a fold."""
-        if self.protocol == "hsnet":
+        if self.family == "hsnet":
             wanted = set(classes)
             pairs = [pair for fold in range(self.num_folds)
                      for pair in hsnet_pascal_pairs(self.lists, "val", fold) if pair[1] in wanted]

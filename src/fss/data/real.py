@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fss.data import folds
+from fss.data import folds, protocols
 from fss.data.episodes import (
     Episode,
     EpisodicDataset,
@@ -33,11 +33,13 @@ from fss.data.episodes import (
     SemanticDataset,
     check_positive,
     episode_mask,
+    item_rng,
 )
 from fss.data.io import check_same_size, read_image, resize_image, resize_label
+from fss.data.transforms import IGNORE_INDEX
 from fss.utils.errors import ConfigError, DataError
 
-PROTOCOLS = ("hsnet", "pfenet")
+PROTOCOLS = tuple(protocols.PROTOCOLS)
 ORDERS = ("list", "shuffle", "class")
 
 
@@ -48,6 +50,11 @@ class Record:
     image: Path
     label: Path
     class_id: int | None = None
+    name: str | None = None  # as the lists name it (default: the image file's stem)
+
+    @property
+    def id(self) -> str:
+        return self.name if self.name is not None else Path(self.image).stem
 
 
 @dataclass
@@ -123,6 +130,11 @@ class ListEpisodicDataset(EpisodicDataset):
     ``keep_original``: also return the query mask at its original resolution
     (``query_mask_orig``) for scoring there. ``transform.augmentation`` is used only when
     ``augment`` is true (training); query and supports are augmented independently.
+    ``draws``: the episodes as ``(class, query record, support records)``, drawn ahead by an
+    official stream (``fss.data.official``); then episode ``i`` is ``draws[i]`` and the
+    generator of ``(seed, epoch, i)`` is not used for sampling.
+    ``ignore_boundary``: false scores the query's ignore pixels (255, PASCAL's object
+    boundaries) as background (query masks only; supports keep them).
     """
 
     def __init__(
@@ -137,11 +149,17 @@ class ListEpisodicDataset(EpisodicDataset):
         augment: bool = False,
         keep_original: bool = False,
         name: str = "dataset",
+        draws: Sequence[tuple[int, int, Sequence[int]]] | None = None,
+        ignore_boundary: bool = True,
     ):
         super().__init__(shot=shot, num_episodes=num_episodes, seed=seed, epoch=epoch)
         if not plan.queries:
             raise DataError(f"{name}: no query image in this split (its lists are empty or "
                             "every image was filtered out)")
+        if draws is not None and len(draws) < num_episodes:
+            raise ValueError(f"{len(draws)} drawn episodes for {num_episodes}")
+        self.draws = draws
+        self.ignore_boundary = bool(ignore_boundary)
         self.plan = plan
         self.read_mask = read_mask
         self.transform = transform
@@ -169,7 +187,11 @@ class ListEpisodicDataset(EpisodicDataset):
             raise DataError(f"{self.name}: class {class_id} has no image in the lists")
         return pool[int(rng.integers(len(pool)))], (class_id,)
 
-    def sample_episode(self, rng: np.random.Generator, index: int) -> Episode:
+    def draw(self, rng: np.random.Generator, index: int) -> tuple[int, int, list[int]]:
+        """Episode ``index`` as ``(class, query record, support records)``."""
+        if self.draws is not None:
+            class_id, record_index, supports = self.draws[index]
+            return int(class_id), int(record_index), [int(s) for s in supports]
         record_index, candidates = self._query(rng, index)
         # Classes with enough supports besides the query (PFENet picks among all of the
         # query's classes; a class whose only image is the query cannot form an episode).
@@ -183,9 +205,18 @@ class ListEpisodicDataset(EpisodicDataset):
         class_id = usable[int(rng.integers(len(usable)))]
         pool = [r for r in self.plan.pools[class_id] if r != record_index]
         chosen = rng.choice(len(pool), size=self.shot, replace=False)
-        support_indices = [pool[int(c)] for c in chosen]
+        return class_id, record_index, [pool[int(c)] for c in chosen]
 
+    def episode_ids(self, index: int) -> tuple[str, list[str]]:
+        """Query and support ids of episode ``index``, drawn without loading an image."""
+        _, record_index, supports = self.draw(item_rng(self.seed, self.epoch, index), index)
+        return self.plan.records[record_index].id, [self.plan.records[i].id for i in supports]
+
+    def sample_episode(self, rng: np.random.Generator, index: int) -> Episode:
+        class_id, record_index, support_indices = self.draw(rng, index)
         query_image, query_mask = self._load(record_index, class_id)
+        if not self.ignore_boundary:
+            query_mask = np.where(query_mask == IGNORE_INDEX, 0, query_mask).astype(np.uint8)
         original = query_mask if self.keep_original else None
         query_image, query_mask = self.transform(
             query_image, query_mask, rng if self.augment else None
@@ -203,6 +234,8 @@ class ListEpisodicDataset(EpisodicDataset):
             support_images=support_images,
             support_masks=support_masks,
             query_mask_orig=original,
+            query_id=self.plan.records[record_index].id,
+            support_ids=[self.plan.records[i].id for i in support_indices],
         )
 
     def _load(self, record_index: int, class_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +320,7 @@ class RealSource(FewShotSource):
     VAL_EPISODES = 1000
     AUGMENT_SCALE: tuple[float, float] = (0.9, 1.1)
     PROTOCOLS: tuple[str, ...] = PROTOCOLS
+    dataset: str = ""  # data.name: the key of the protocols' per-dataset settings
 
     def __init__(
         self,
@@ -297,7 +331,10 @@ class RealSource(FewShotSource):
         fold_scheme: str = "contiguous",
         train_augmentation: Augmentation | None = None,
         semantic_augmentation: Augmentation | None = None,
+        episodes: str = "seeded",
+        ignore_boundary: bool | None = None,
     ):
+        spec = protocols.get_protocol(protocol)
         if protocol not in self.PROTOCOLS:
             raise ConfigError(f"data.protocol={protocol!r} is not supported for {self.name}; "
                               f"accepted: {', '.join(self.PROTOCOLS)}")
@@ -306,16 +343,23 @@ class RealSource(FewShotSource):
                               f"{', '.join(folds.FOLD_SCHEMES)}")
         self.root = Path(root).expanduser()
         self.protocol = protocol
+        # The lists and data pipeline the protocol uses: bam and hdmnet share pfenet's.
+        self.family = spec.lists
+        self.episodes = protocols.check_episode_mode(episodes, spec, self.dataset)
+        if ignore_boundary is not None and not isinstance(ignore_boundary, bool):
+            raise ConfigError(f"data.ignore_boundary={ignore_boundary!r} must be true, false or "
+                              "null (the protocol's)")
+        self.ignore_boundary = spec.ignore_boundary if ignore_boundary is None else ignore_boundary
         self.fold_scheme = fold_scheme
-        size = self.DEFAULT_SIZE[protocol] if image_size is None else image_size
+        size = self.DEFAULT_SIZE[self.family] if image_size is None else image_size
         self.image_size = check_positive("image_size", size)
         if augment is None:
-            augment = protocol == "pfenet" or train_augmentation is not None
+            augment = self.family == "pfenet" or train_augmentation is not None
         self.augment = bool(augment)
         self.train_augmentation = train_augmentation
         self.semantic_augmentation = semantic_augmentation
         # HSNet scores at the network size by default, PFENet/BAM/HDMNet at the label's own.
-        self.eval_resolution = "original" if protocol == "pfenet" else "network"
+        self.eval_resolution = spec.eval_resolution
         self._plans: dict[tuple, Plan] = {}
 
     # -- to implement ---------------------------------------------------------------
@@ -363,7 +407,7 @@ class RealSource(FewShotSource):
                 augmentation = hdmnet_train_augmentation(self.AUGMENT_SCALE, self.image_size)
         return ImageTransform(
             size=(self.image_size, self.image_size),
-            antialias=self.protocol == "hsnet",
+            antialias=self.family == "hsnet",
             augmentation=augmentation,
         )
 
@@ -372,7 +416,7 @@ class RealSource(FewShotSource):
             return len(self.plan("train", fold).queries)
         if split == "val":
             return self.VAL_EPISODES
-        return self.TEST_EPISODES[self.protocol]
+        return self.TEST_EPISODES[self.family]
 
     def episodic(
         self, split: str, fold: int, shot: int, num_episodes: int, seed: int, epoch: int = 0
@@ -380,8 +424,14 @@ class RealSource(FewShotSource):
         from fss.data.episodes import check_split
 
         check_split(split)
+        plan = self.plan(split, fold)
+        draws = None
+        if split == "test" and self.episodes == "official":
+            draws = self.official_draws(plan, fold, shot, num_episodes, seed)
+        elif split != "train" and self.family == "hsnet":
+            check_enough_supports(plan, shot, f"{self.name} {split} fold {fold}")
         return ListEpisodicDataset(
-            self.plan(split, fold),
+            plan,
             read_mask=self._read_mask,
             transform=self.transform(split),
             shot=shot,
@@ -391,7 +441,16 @@ class RealSource(FewShotSource):
             augment=split == "train" and self.augment,
             keep_original=split != "train",
             name=f"{self.name} {split} fold {fold}",
+            draws=draws,
+            ignore_boundary=self.ignore_boundary or split == "train",
         )
+
+    def official_draws(
+        self, plan: Plan, fold: int, shot: int, num_episodes: int, seed: int
+    ) -> list[tuple[int, int, list[int]]]:
+        """The official test script's first ``num_episodes`` episodes (``fss.data.official``)
+        as ``(class, query record, support records)`` of ``plan``."""
+        raise ConfigError(f"data.episodes=official is not available for {self.name}")
 
     def class_episodic(
         self, classes: Sequence[int], shot: int, num_episodes: int, seed: int
@@ -399,6 +458,10 @@ class RealSource(FewShotSource):
         """Test episodes of the given classes instead of a fold's novel ones (cross-dataset
         testing, e.g. COCO-20i -> PASCAL-5i): the test split's images, the protocol's
         transform, episodes as for ``episodic("test", ...)``."""
+        if self.episodes == "official":
+            raise ConfigError("data.episodes=official replays a fold's official test stream; "
+                              "testing on another dataset's classes draws seeded episodes only: "
+                              "use data.episodes=seeded")
         classes = sorted({int(c) for c in classes})
         if not classes or not all(0 <= c < self.num_classes for c in classes):
             raise ConfigError(f"test classes {classes} of {self.name} must be a non-empty "
@@ -416,6 +479,7 @@ class RealSource(FewShotSource):
             seed=seed,
             keep_original=True,
             name=f"{self.name} test classes {classes}",
+            ignore_boundary=self.ignore_boundary,
         )
 
     def semantic(
@@ -445,6 +509,34 @@ class RealSource(FewShotSource):
                 f"image_size={self.image_size}, fold_scheme={self.fold_scheme!r})")
 
 
+def check_enough_supports(plan: Plan, shot: int, where: str) -> None:
+    """ConfigError when a class of an HSNet-protocol plan (every query asks for its one
+    class) has fewer than ``shot`` images besides the query."""
+    asked = {c for _, candidates in plan.queries for c in candidates} or set(plan.classes)
+    for class_id in sorted(asked):
+        images = len(set(plan.pools.get(class_id, ())))
+        if images - 1 < shot:
+            raise ConfigError(f"shot={shot}: {where} has {images} image(s) of class {class_id}, "
+                              f"so at most {max(images - 1, 0)} support(s) besides the query; "
+                              "lower shot")
+
+
+def draws_to_records(
+    plan: Plan, draws: Sequence[tuple[int, str, Sequence[str]]], where: str
+) -> list[tuple[int, int, list[int]]]:
+    """Named draws ``(class, query, supports)`` -> ``(class, query record, support
+    records)`` of ``plan`` (by :attr:`Record.id`); DataError naming a missing image."""
+    index = {record.id: i for i, record in enumerate(plan.records)}
+    result = []
+    for class_id, query, supports in draws:
+        missing = [n for n in (query, *supports) if n not in index]
+        if missing:
+            raise DataError(f"{where}: the official episode names {missing[0]!r}, which is not "
+                            "among the images of the lists on disk; re-run the prepare command")
+        result.append((int(class_id), index[query], [index[n] for n in supports]))
+    return result
+
+
 def pools_from_queries(
     queries: Sequence[tuple[int, tuple[int, ...]]], classes: Sequence[int]
 ) -> dict[int, list[int]]:
@@ -467,11 +559,12 @@ class RecordTable:
         self.records: list[Record] = []
         self._index: dict[tuple[str, str, int | None], int] = {}
 
-    def add(self, image: Path, label: Path, class_id: int | None = None) -> int:
+    def add(self, image: Path, label: Path, class_id: int | None = None,
+            name: str | None = None) -> int:
         key = (str(image), str(label), class_id)
         if key not in self._index:
             self._index[key] = len(self.records)
-            self.records.append(Record(Path(image), Path(label), class_id))
+            self.records.append(Record(Path(image), Path(label), class_id, name))
         return self._index[key]
 
 
@@ -483,7 +576,7 @@ def plan_from_fold_lists(
 ) -> Plan:
     """A :class:`Plan` from PFENet-protocol lists (paths relative to ``folder``)."""
     table = RecordTable()
-    queries = [(table.add(folder / i, folder / lb), tuple(c)) for i, lb, c in data_list]
-    pools = {c: [table.add(folder / i, folder / lb) for i, lb in items]
+    queries = [(table.add(folder / i, folder / lb, name=i), tuple(c)) for i, lb, c in data_list]
+    pools = {c: [table.add(folder / i, folder / lb, name=i) for i, lb in items]
              for c, items in sub_class.items()}
     return Plan(table.records, queries, pools, order, sorted(sub_class))

@@ -35,6 +35,7 @@ from fss.data.episodes import (
     SemanticDataset,
     check_split,
     episode_mask,
+    item_rng,
 )
 from fss.data.transforms import IGNORE_INDEX
 
@@ -556,7 +557,8 @@ class SyntheticEpisodicDataset(EpisodicDataset):
         self.scene_classes = sorted(scene_classes)
         self.class_choice = class_choice
 
-    def sample_episode(self, rng: np.random.Generator, index: int) -> Episode:
+    def _draw(self, rng: np.random.Generator, index: int) -> tuple[int, np.ndarray]:
+        """The episode's class and its ``shot + 1`` distinct scene seeds (query first)."""
         if self.class_choice == "cycle":
             class_id = self.classes[index % len(self.classes)]
         else:
@@ -564,7 +566,15 @@ class SyntheticEpisodicDataset(EpisodicDataset):
         while True:
             scene_seeds = rng.integers(0, 2**63 - 1, size=self.shot + 1, dtype=np.int64)
             if len(set(scene_seeds.tolist())) == self.shot + 1:
-                break
+                return class_id, scene_seeds
+
+    def episode_ids(self, index: int) -> tuple[str, list[str]]:
+        """Scene ids (``scene<seed>``) of episode ``index``, without rendering it."""
+        _, seeds = self._draw(item_rng(self.seed, self.epoch, index), index)
+        return f"scene{seeds[0]}", [f"scene{s}" for s in seeds[1:]]
+
+    def sample_episode(self, rng: np.random.Generator, index: int) -> Episode:
+        class_id, scene_seeds = self._draw(rng, index)
         scenes = [
             self.generator.render(
                 np.random.default_rng(int(s)), target=class_id, allowed=self.scene_classes
@@ -580,6 +590,8 @@ class SyntheticEpisodicDataset(EpisodicDataset):
             query_mask=episode_mask(query.label, class_id),
             support_images=[s.image for s in supports],
             support_masks=[episode_mask(s.label, class_id) for s in supports],
+            query_id=f"scene{scene_seeds[0]}",
+            support_ids=[f"scene{s}" for s in scene_seeds[1:]],
         )
 
 

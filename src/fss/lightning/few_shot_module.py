@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -51,6 +52,9 @@ class FewShotModule(L.LightningModule):
         seed: when set, every training step starts from random states that are a function
             of ``(seed, global step)`` alone (dropout, any sampling inside the model), so a
             run resumed from a checkpoint draws what the uninterrupted run drew.
+        episodes_csv: where every test pass writes its per-episode record
+            (``fss.metrics.episodes``); the first pass of this module writes the file, later
+            ones (further test seeds) append to it. None: no file.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class FewShotModule(L.LightningModule):
         run_info: dict[str, Any] | None = None,
         compile: bool = False,
         seed: int | None = None,
+        episodes_csv: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -89,6 +94,9 @@ class FewShotModule(L.LightningModule):
         self.test_iou = FewShotIoU(self.eval_class_ids)
         self.run_info = run_info
         self.seed = None if seed is None else int(seed)
+        self.episodes_csv = None if episodes_csv is None else Path(episodes_csv)
+        self._episode_rows: list[dict[str, Any]] = []
+        self._episodes_written = False
         if compile:
             compile_trainable_children(self.model)
 
@@ -116,19 +124,25 @@ class FewShotModule(L.LightningModule):
         return out["loss"]
 
     # -- evaluation -------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, torch.Tensor], metric: FewShotIoU) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: FewShotIoU
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores the batch into ``metric``; returns what it added per episode:
+        (B, 2) intersections and unions, columns (background, foreground)."""
         if self.eval_resolution == "original" and "query_mask_orig" in batch:
             preds = self.predict_original_size(batch)
+            counts = []
             for pred, target, size, class_id in zip(
                 preds, batch["query_mask_orig"], batch["query_size_orig"].tolist(),
                 batch["class_id"], strict=True,
             ):
                 height, width = size
                 metric.update(pred[None], target[None, :height, :width], class_id[None])
-            return
+                counts.append(metric.last_counts)
+            return torch.cat([i for i, _ in counts]), torch.cat([u for _, u in counts])
         preds = self.model.predict(batch["query_img"], batch["support_imgs"], batch["support_masks"],
                                    **empty_support_kwargs(self.model.predict))
         metric.update(preds, batch["query_mask"], batch["class_id"])
+        return metric.last_counts
 
     @torch.no_grad()
     def predict_original_size(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -145,7 +159,44 @@ class FewShotModule(L.LightningModule):
         self._evaluate(batch, self.val_iou)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_iou)
+        intersection, union = self._evaluate(batch, self.test_iou)
+        if self.episodes_csv is not None:
+            self._episode_rows.extend(episode_rows(batch, intersection, union,
+                                                   self._test_dataset()))
+
+    def _test_dataset(self) -> Any:
+        loaders = self.trainer.test_dataloaders
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[0] if loaders else None
+        return getattr(loaders, "dataset", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._episode_rows = []
+        record = self.protocol_record()
+        if record is not None:
+            for logger in self.loggers:
+                logger.log_hyperparams({"protocol": record})
+
+    def protocol_record(self) -> dict[str, Any] | None:
+        """The test data's protocol and its settings (``fss.data.protocols``), or None."""
+        from fss.data.protocols import protocol_record
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return protocol_record(getattr(datamodule, "source", None), self.eval_resolution)
+
+    def _write_episodes(self) -> None:
+        from fss.metrics import episodes
+
+        rows = gather_rows(self._episode_rows)
+        self._episode_rows = []
+        if not self.trainer.is_global_zero:
+            return
+        seed = getattr(getattr(self.trainer, "datamodule", None), "test_seed", None)
+        for row in rows:
+            row["test_seed"] = "" if seed is None else int(seed)
+        rows.sort(key=lambda row: row["index"])
+        episodes.write(self.episodes_csv, rows, append=self._episodes_written)
+        self._episodes_written = True
 
     def _log_metric(self, stage: str, metric: FewShotIoU) -> None:
         values = metric.compute()  # summed over all ranks: the same values on each of them
@@ -162,6 +213,8 @@ class FewShotModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metric("test", self.test_iou)
+        if self.episodes_csv is not None:
+            self._write_episodes()
 
     # -- checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -234,6 +287,37 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     """(N, 2, H, W) logits -> (N, 2, *size): bilinear, align_corners=True (the models'
     own upsampling)."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def episode_rows(batch: dict[str, Any], intersection: torch.Tensor, union: torch.Tensor,
+                 dataset: Any = None) -> list[dict[str, Any]]:
+    """episodes.csv rows (``test_seed`` added later) of a scored batch; image ids from
+    ``dataset.episode_ids`` (empty when the dataset has none)."""
+    from fss.data.episodes import ID_SEPARATOR
+
+    rows = []
+    for index, class_id, inter, uni in zip(
+        batch["episode_index"].tolist(), batch["class_id"].tolist(),
+        intersection.long().tolist(), union.long().tolist(), strict=True,
+    ):
+        ids = getattr(dataset, "episode_ids", None)
+        query, supports = ids(int(index)) if ids is not None else ("", [])
+        rows.append({"index": int(index), "class": int(class_id), "query": query,
+                     "supports": ID_SEPARATOR.join(supports),
+                     "fg_intersection": inter[1], "fg_union": uni[1],
+                     "bg_intersection": inter[0], "bg_union": uni[0]})
+    return rows
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows on every rank (one process: ``rows``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(rows)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
 
 
 def _argmax_of_single_shot(logits: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,27 @@ from torchmetrics import Metric
 from fss.data.transforms import IGNORE_INDEX
 
 
+def episode_counts(
+    preds: torch.Tensor, target: torch.Tensor, ignore_index: int | None = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-episode (background, foreground) intersection and union, each (B, 2) int64.
+
+    preds (B, H, W) in {0, 1}; target (B, H, W) in {0, 1, ignore}: pixels equal to
+    ``ignore_index`` are not counted (``None``: every pixel is)."""
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None \
+        else target != ignore_index
+    preds = preds.long()
+    target = target.long()
+    fg_pred = (preds == 1) & valid
+    fg_true = (target == 1) & valid
+    bg_pred = (preds == 0) & valid
+    bg_true = (target == 0) & valid
+    dims = (1, 2)
+    inter = torch.stack([(bg_pred & bg_true).sum(dims), (fg_pred & fg_true).sum(dims)], 1)
+    union = torch.stack([(bg_pred | bg_true).sum(dims), (fg_pred | fg_true).sum(dims)], 1)
+    return inter, union
+
+
 class FewShotIoU(Metric):
     """Accumulates per-class (background, foreground) intersection and union.
 
@@ -66,16 +87,9 @@ class FewShotIoU(Metric):
             bad = sorted(set(class_ids[slots < 0].tolist()))
             raise ValueError(f"episodes of classes {bad} are not among the evaluated {self.class_ids}")
 
-        valid = target != self.ignore_index
-        preds = preds.long()
-        target = target.long()
-        fg_pred = (preds == 1) & valid
-        fg_true = (target == 1) & valid
-        bg_pred = (preds == 0) & valid
-        bg_true = (target == 0) & valid
-        dims = (1, 2)
-        inter = torch.stack([(bg_pred & bg_true).sum(dims), (fg_pred & fg_true).sum(dims)], 1)
-        union = torch.stack([(bg_pred | bg_true).sum(dims), (fg_pred | fg_true).sum(dims)], 1)
+        inter, union = episode_counts(preds, target, self.ignore_index)
+        # What this call added, per episode (episodes.csv records it).
+        self.last_counts = (inter, union)
         self.intersection.index_add_(0, slots, inter.to(self.intersection.dtype))
         self.union.index_add_(0, slots, union.to(self.union.dtype))
         self.episodes.index_add_(0, slots, torch.ones_like(slots))

@@ -9,7 +9,8 @@ from fss.report.jobs import Sweep
 from fss.report.table import FOLDS, Row
 
 COLUMNS = ("model", "data", "backbone", "shot", "variant",
-           *(f"fold{f}" for f in FOLDS), "folds", "mean", "FB-IoU", "paper", "Δ", "paper FB-IoU")
+           *(f"fold{f}" for f in FOLDS), "folds", "mean", "FB-IoU", "paper", "Δ", "paper FB-IoU",
+           "seeds", "± 95 % (seeds)", "best of N seeds", "protocol")
 NOT_RUN = "—"  # Markdown / terminal cell of a fold that has no job (empty in the CSV)
 
 
@@ -32,6 +33,12 @@ def row_cells(row: Row) -> dict[str, str]:
     cells["paper"] = _number(row.paper_miou)
     cells["Δ"] = "" if row.delta is None else f"{row.delta:+.2f}"
     cells["paper FB-IoU"] = _number(row.paper_fbiou)
+    count = row.seed_count
+    cells["seeds"] = "" if count is None else str(count)
+    cells["± 95 % (seeds)"] = _number(row.mean_ci95)
+    best = row.best_of_n
+    cells["best of N seeds"] = "" if best is None else f"{best:.2f} (best of {count})"
+    cells["protocol"] = row.protocol_label
     return cells
 
 
@@ -82,6 +89,19 @@ def legend(rows: list[Row]) -> list[str]:
     lines = ["Fold cells: test mIoU; `failed`: the job raised (see below); `no result`: no "
              "metrics.json yet; `—`: not run. `mean` and `FB-IoU`: over the folds scored "
              "(`folds`: scored / reported by the paper)."]
+    lines.append("`seeds`: test seeds per fold (`test_seeds`); then `mean` is the mean over "
+                 "seeds, `± 95 % (seeds)` the half-width of its 95 % Student-t interval over "
+                 "seeds, and `best of N seeds` the mean over folds of each fold's best seed: "
+                 "a maximum over N draws of the test episodes, not comparable with a "
+                 "one-seed number. `protocol`: name, input size, where predictions are scored, "
+                 "boundary label, episode stream (docs/protocols.md).")
+    protocols: dict[str, dict] = {}
+    for row in rows:
+        if row.protocol is not None:
+            protocols.setdefault(row.protocol_label, row.protocol)
+    for label, record in protocols.items():
+        settings = ", ".join(f"{k}={v}" for k, v in record.items())
+        lines.append(f"Protocol `{label}`: {settings}.")
     if sources:
         lines.append(f"Paper numbers: {'; '.join(sources)}. With fewer folds scored, `paper` is "
                      "the mean of the paper's per-fold numbers over the same folds; `Δ` = mean − "

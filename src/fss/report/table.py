@@ -114,6 +114,76 @@ class Row:
     def paper_fbiou(self) -> float | None:
         return self.targets.get("fbiou")
 
+    # -- test seeds ----------------------------------------------------------------------
+    def _seed_series(self) -> list[list[float]] | None:
+        """Per scored fold, its per-seed mIoU (``seeds`` of a multi-seed metrics.json);
+        None when a fold has a single seed or the folds have different seed lists."""
+        series, seed_lists = [], []
+        for fold in self.scored_folds:
+            seeds = self.jobs[fold].metrics.get("seeds")
+            if not isinstance(seeds, list) or len(seeds) < 2:
+                return None
+            series.append([float(s["mIoU"]) for s in seeds])
+            seed_lists.append([s.get("seed") for s in seeds])
+        if not series or any(s != seed_lists[0] for s in seed_lists):
+            return None
+        return series
+
+    @property
+    def seed_count(self) -> int | None:
+        """N of a multi-seed row (every fold tested on the same N seeds), else None."""
+        series = self._seed_series()
+        return None if series is None else len(series[0])
+
+    @property
+    def mean_ci95(self) -> float | None:
+        """Half-width of the 95 % Student-t interval of the mean over folds, over seeds
+        (the mean over folds is taken seed by seed, then its spread over the N seeds)."""
+        series = self._seed_series()
+        if series is None:
+            return None
+        per_seed = [sum(values) / len(values) for values in zip(*series, strict=True)]
+        return ci95_half_width(per_seed)
+
+    @property
+    def best_of_n(self) -> float | None:
+        """The mean over folds of each fold's best seed: what "best of N" papers report;
+        shown only labelled as such, next to the mean."""
+        series = self._seed_series()
+        return None if series is None else _mean([max(values) for values in series])
+
+    # -- protocol ------------------------------------------------------------------------
+    @property
+    def protocol(self) -> dict[str, Any] | None:
+        for fold in self.scored_folds:
+            record = self.jobs[fold].metrics.get("protocol")
+            if isinstance(record, dict):
+                return record
+        return None
+
+    @property
+    def protocol_label(self) -> str:
+        """The protocol in one cell: name, input size, where scored, boundary, episode
+        stream (docs/protocols.md); empty for data without a protocol (synthetic)."""
+        record = self.protocol
+        if record is None:
+            return ""
+        boundary = "255 ignored" if record.get("ignore_boundary", True) else "255 scored as bg"
+        return (f"{record.get('name')} {record.get('image_size')}² "
+                f"{record.get('eval_resolution')}-size {boundary} "
+                f"{record.get('episodes', 'seeded')}")
+
+
+def ci95_half_width(values: list[float]) -> float | None:
+    """Half-width of the 95 % Student-t interval of the mean of ``values`` (None for one)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return float(stats.t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values)))
+
 
 def shot_targets(paper: dict[str, Any] | None, shot: Any) -> dict[Any, Any]:
     """The numbers of ``paper.targets`` for one job: keyed by shot, then fold / mean / fbiou;
