@@ -19,7 +19,7 @@ from fss.prepare import main, tiny
 from fss.report.cli import write_report
 from fss.utils.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 48
 
 
@@ -134,7 +134,7 @@ def test_bad_protocol_settings_are_one_line(tmp_path):
                   f"hydra.run.dir={tmp_path / str(n)}"]
                  for n, (overrides, _) in enumerate(CLI_CASES)]
     env = {**os.environ, "PROJECT_ROOT": str(ROOT), "FSS_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"),
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "cli_batch.py"),
                            json.dumps(arguments)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -26,7 +26,7 @@ from fss.data.lists import hsnet_coco_classwise, hsnet_pascal_pairs
 from fss.data.official import hsnet_coco_stream, hsnet_fss_stream, hsnet_pascal_stream
 from fss.prepare import main, tiny
 from fss.utils.errors import ConfigError
-from tests.conftest import OFFICIAL_LISTS
+from tests.helpers.config import OFFICIAL_LISTS
 
 EPISODES = 200
 OFFICIAL_HSNET = os.environ.get("FSS_OFFICIAL_HSNET")
