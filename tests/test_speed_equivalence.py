@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fss.lightning.few_shot_module import compile_trainable_children
 from fss.models import HDMNet, HSNet
