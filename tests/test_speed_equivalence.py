@@ -175,6 +175,17 @@ print("fast kernel calls:", sum(calls.values()))
     assert done.stdout.strip().splitlines()[-1] == "fast kernel calls: 0"
 
 
+@pytest.mark.parametrize("model", ["hsnet", "hdmnet"])
+def test_config_key_reaches_the_model(compose_cfg, model) -> None:
+    from hydra.utils import instantiate
+
+    assert compose_cfg([f"model={model}", "data=synth"]).model.net.fast_paths is None
+    cfg = compose_cfg([f"model={model}", "data=synth", "model.fast_paths=false"])
+    backbone = "resnet18" if model == "hsnet" else "resnet_small"
+    net = instantiate(cfg.model.net, backbone=backbone, weights=None)
+    assert net.fast_paths is False
+
+
 # ----------------------------------------------------------------------------- HDMNet
 @pytest.mark.parametrize(("shots", "matching", "mask_mode"),
                          [(1, "cosine", "image"), (2, "cosine", "image"), (2, "dot", "feature")])
