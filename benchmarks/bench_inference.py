@@ -14,9 +14,9 @@ juhongm999/hsnet at PATH, for ``--models hdmnet`` a checkout of Pbihao/HDMNet, r
 with mmcv 1.6.1 / mmsegmentation 0.27.0 (``docs/performance.md`` gives the commands; see
 ``benchmarks/official.py``). Both checkouts are kept outside this repository. Our model is given the official
 model's (random) weights, so the table also shows the largest |Δ logit| between the two and
-the share of pixels where their predicted masks agree. ``--reference`` times this project's
-frozen straightforward implementation (``tests/reference_*.py``) the same way: the
-before/after of the speed work.
+the share of pixels where their predicted masks agree. ``--reference`` times the same
+model with every kernel on its straightforward reference (``fss.ops.fast_paths(False)``,
+docs/ops.md) the same way: the before/after of the speed work.
 
 HDMNet sizes: 473 (PASCAL-5i, the default) and 633 (COCO-20i); both satisfy PSPNet's
 (H - 1) % 8 == 0 rule. HDMNet is built with a random base learner and ``shot`` = the
@@ -39,24 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import common  # noqa: E402
-
-
-def reference_predict(model: str):
-    """The frozen straightforward implementation's predict for ``model``."""
-    sys.path.insert(0, str(common.ROOT / "tests"))
-    if model == "hsnet":
-        import reference_hsnet
-
-        from fss.models.hsnet.model import vote
-
-        return lambda net, q, s, m: vote(reference_hsnet.per_shot_logits(net, q, s, m))
-    import reference_hdmnet
-
-    def predict(net, q, s, m):
-        with reference_hdmnet.reference_mode():
-            return net(q, s, m).argmax(dim=1)
-
-    return predict
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -91,11 +73,11 @@ def measure(args: argparse.Namespace) -> dict:
 
         functions["official"] = theirs
     if args.reference:
-        predict = reference_predict(args.model)
+        predict = common.on_references(net.predict)
 
         def straightforward():
             with torch.inference_mode(), autocast:
-                outputs["reference"] = predict(net, query, supports, masks)
+                outputs["reference"] = predict(query, supports, masks)
 
         functions["reference"] = straightforward
 

@@ -11,7 +11,8 @@ AdamW for HDMNet, every trainable parameter), in ``train()`` mode (dropout on, f
 backbones and BatchNorms in eval, as the models define). The paper's per-GPU batches:
 HSNet 5 (20 on 4 GPUs), HDMNet 4 (PASCAL) / 6 (COCO). ``--precision bf16`` runs the
 forward under bf16 autocast (Lightning's ``bf16-mixed``). ``--reference`` also times the
-frozen straightforward forward (``tests/reference_*.py``) with the same backward and step.
+forward with every kernel on its straightforward reference (``fss.ops.fast_paths(False)``,
+docs/ops.md) with the same backward and step.
 Peak memory: resident set of the process (CPU) and ``max_memory_allocated`` (CUDA). Each
 configuration runs in its own subprocess. Not a test: numbers depend on the machine.
 """
@@ -27,28 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import common  # noqa: E402
-
-
-def reference_loss(model: str):
-    """The training loss computed by the frozen straightforward implementation."""
-    sys.path.insert(0, str(common.ROOT / "tests"))
-    import torch.nn.functional as F
-
-    if model == "hsnet":
-        import reference_hsnet
-
-        def loss(net, q, s, m, target):
-            logits = reference_hsnet.per_shot_logits(net, q, s, m).mean(dim=1)
-            return F.cross_entropy(logits, (target == 1).long())
-
-        return loss
-    import reference_hdmnet
-
-    def hdmnet_loss(net, q, s, m, target):
-        with reference_hdmnet.reference_mode():
-            return net.training_loss(q, s, m, target)["loss"]
-
-    return hdmnet_loss
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -71,8 +50,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     functions = {"ours": step(lambda: net.training_loss(query, supports, masks, query_mask)["loss"])}
     if args.reference:
-        loss = reference_loss(args.model)
-        functions["reference"] = step(lambda: loss(net, query, supports, masks, query_mask))
+        loss = common.on_references(net.training_loss)
+        functions["reference"] = step(lambda: loss(query, supports, masks, query_mask)["loss"])
     if args.compare:
         if args.model != "hsnet" or args.shot != 1:
             raise SystemExit("--compare: the official training step is timed for HSNet 1-shot "

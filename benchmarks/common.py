@@ -135,6 +135,19 @@ def build_model(model: str, backbone: str, shot: int, size: int):
     raise SystemExit(f"unknown model {model!r}; accepted: hsnet, hdmnet")
 
 
+def on_references(function: Callable) -> Callable:
+    """``function`` run with every kernel of ``fss.ops`` on its straightforward reference
+    (``fss.ops.fast_paths(False)``): the "before" of the speed work, same weights and
+    inputs."""
+    from fss.ops import fast_paths
+
+    def run(*args, **kwargs):
+        with fast_paths(False):
+            return function(*args, **kwargs)
+
+    return run
+
+
 def compile_model(net, mode: str | None = None):
     """``torch.compile`` (in place) every trainable child, as ``model.compile: true`` does."""
     from fss.lightning.few_shot_module import compile_trainable_children

@@ -29,6 +29,8 @@ RESULT_NEUTRAL = (
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "trainer.enable_model_summary", "trainer.enable_checkpointing",
     "*.num_workers", "*.pin_memory", "*.persistent_workers",
+    # Fast kernels or their references (fss.ops): the same numbers up to float rounding.
+    "*fast_paths",
     # Machine-specific locations (datasets, caches, weights files): moving them keeps a run.
     "*root", "*dir", "*path", "*file",
 )

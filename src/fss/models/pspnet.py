@@ -45,6 +45,7 @@ from fss.models.psp_backbones import (
     load_matching_state_dict,
     read_state_dict,
 )
+from fss.ops.boxes import conv2d_in_boxes
 
 log = logging.getLogger(__name__)
 
@@ -217,24 +218,11 @@ class PSPNet(nn.Module):
         """``feat5`` of each image inside its box (top, bottom, left, right; ends
         exclusive), 0 elsewhere: the values :meth:`feat5` gives there, for the price of the
         box (the 3x3 conv reads a one-position halo, zero-padded at the map's border as
-        the full conv pads it). The pyramid pooling still sees the whole map."""
-        batch, _, height, width = layer4.shape
+        the full conv pads it; :func:`fss.ops.boxes.conv2d_in_boxes`). The pyramid pooling
+        still sees the whole map."""
         conv, norm = self.cls[0], self.cls[1]
-        out = layer4.new_zeros(batch, conv.out_channels, height, width)
-        pooled = self.ppm.pooled(layer4)
-        for index, (top, bottom, left, right) in enumerate(boxes):
-            if top == bottom or left == right:
-                continue
-            rows = slice(max(top - 1, 0), min(bottom + 1, height))
-            cols = slice(max(left - 1, 0), min(right + 1, width))
-            region = torch.cat([m[index : index + 1, :, rows, cols] for m in (layer4, *pooled)],
-                               dim=1)
-            region = F.pad(region, (cols.start - left + 1, right + 1 - cols.stop,
-                                    rows.start - top + 1, bottom + 1 - rows.stop))
-            region = region.contiguous(memory_format=torch.channels_last)
-            values = norm(F.conv2d(region, conv.weight, conv.bias))
-            out[index, :, top:bottom, left:right] = values[0]
-        return out
+        return conv2d_in_boxes([layer4, *self.ppm.pooled(layer4)], conv.weight, conv.bias,
+                               boxes, after=norm)
 
     def base_learner(self, feat5: torch.Tensor) -> torch.Tensor:
         """``cls[2:5]`` on ``feat5``: logits (B, num_classes, h, w) at feature resolution."""

@@ -8,11 +8,13 @@ state dict maps by prefix only (``fss.models.checkpoint_io.convert_official_stat
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fss.ops.attention import cross_attention, cross_attention_weights, self_attention
+
+__all__ = ["ATTENTION_MODES", "EncoderLayer", "MultiHeadAttention", "PatchEmbed",
+           "SelfAttentionStage", "cross_attention_weights", "map_to_tokens", "tokens_to_map"]
 
 LN_EPS = 1e-6
 ATTENTION_MODES = ("self", "cosine", "dot")
@@ -29,84 +31,6 @@ def tokens_to_map(tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def map_to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) → (B, h·w, C)."""
     return feature_map.flatten(2).transpose(1, 2)
-
-
-def cross_attention_scores(q: torch.Tensor, k: torch.Tensor, mode: str,
-                           temperature: float) -> torch.Tensor:
-    """Matching scores (..., Lq, Lk): ``cosine`` cos(q, k)/τ, ``dot`` q·k/√d."""
-    if mode == "cosine":
-        return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) / temperature
-    if mode == "dot":
-        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    raise ValueError(f"unknown cross-attention mode {mode!r}; accepted: cosine, dot")
-
-
-def cross_attention_weights(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    support_mask: torch.Tensor,
-    mode: str = "cosine",
-    temperature: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of query tokens over support tokens, per head.
-
-    q (B, heads, Lq, d), k (B, heads, Lk, d), support_mask (B, Lk) {0,1} →
-    attention (B, heads, Lq, Lk), correlation C' (B, Lq).
-
-    ``cosine``: scores = cos(q, k)/τ, softmax over the QUERY axis (dim −2), background
-    columns zeroed: every foreground column sums to 1 over the queries.
-    ``dot``: scores = q·k/√d, softmax over the foreground keys (dim −1).
-    C' is the mean score over the foreground keys, averaged over heads."""
-    columns = support_mask[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lk)
-    scores = cross_attention_scores(q, k, mode, temperature)
-    if mode == "cosine":
-        attention = scores.softmax(dim=-2) * columns
-    else:
-        attention = scores.masked_fill(columns == 0, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-    correlation = (scores * columns).sum(-1) / (columns.sum(-1) + 1e-9)  # (B, heads, Lq)
-    return attention, correlation.mean(dim=1)
-
-
-def pruned_cross_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    support_mask: torch.Tensor,
-    mode: str = "cosine",
-    temperature: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cross_attention_weights(...)[0] @ v`` and the correlation, computed over the
-    foreground support tokens only.
-
-    q (B, heads, Lq, d), k and v (B, heads, Lk, d), support_mask (B, Lk) ≥ 0 → output
-    (B, heads, Lq, d), correlation (B, Lq).
-
-    Exact, because a zero-mask support token contributes nothing in either mode: in
-    ``cosine`` the softmax runs over the query axis, one column per support token, and the
-    background columns are then multiplied by 0; in ``dot`` they are excluded from the
-    softmax; in both the correlation averages over the foreground only. Dropping those
-    columns before the products saves their (Lq x Lk) scores, which dominate at stage 0
-    (60² x K·60² at 473²). One loop step per sample (the foreground count differs).
-    """
-    outputs, correlations = [], []
-    for sample in range(q.shape[0]):
-        weights = support_mask[sample].to(q.dtype)
-        kept = weights.nonzero().squeeze(1)
-        query = q[sample]
-        if kept.numel() == 0:  # no foreground token: zero output, zero correlation
-            outputs.append(torch.zeros_like(query))
-            correlations.append(query.new_zeros(query.shape[1]))
-            continue
-        key, value, weights = k[sample][:, kept], v[sample][:, kept], weights[kept]
-        scores = cross_attention_scores(query, key, mode, temperature)
-        if mode == "cosine":
-            attention = scores.softmax(dim=-2) * weights
-        else:
-            attention = scores.softmax(dim=-1)
-        outputs.append(attention @ value)
-        correlation = (scores * weights).sum(-1) / (weights.sum() + 1e-9)  # (heads, Lq)
-        correlations.append(correlation.mean(dim=0))
-    return torch.stack(outputs), torch.stack(correlations)
 
 
 class MultiHeadAttention(nn.Module):
@@ -161,23 +85,13 @@ class MultiHeadAttention(nn.Module):
         v = self._split_heads(self.linear_v(key_value))
         correlation = None
         if self.mode == "self":
-            # Fused attention (no (Lq x Lk) matrix kept); the official scale 1/(√d + 1e-9).
-            out = F.scaled_dot_product_attention(
-                q, k, v, scale=1.0 / (math.sqrt(q.shape[-1]) + 1e-9)
-            )
+            out = self_attention(q, k, v)
         elif support_mask is None:
             raise ValueError(f"attention mode {self.mode!r} needs the support mask")
-        elif q.device.type == "cpu":
-            out, correlation = pruned_cross_attention(
+        else:
+            out, correlation = cross_attention(
                 q, k, v, support_mask, self.mode, self.temperature
             )
-        else:
-            # On an accelerator the per-sample foreground gather would sync with the host:
-            # the dense masked form runs as a few large kernels instead.
-            attention, correlation = cross_attention_weights(
-                q, k, support_mask, self.mode, self.temperature
-            )
-            out = attention @ v
         out = out.transpose(1, 2).flatten(2)
         return self.linear_o(out), correlation
 

@@ -45,9 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.models.boxes import nonzero_box, worth_pruning
 from fss.models.checkpoint_io import load_official_state_dict, read_official
-from fss.models.folding import FoldedCache
 from fss.models.hdmnet.attention import SelfAttentionStage
 from fss.models.hdmnet.distillation import correlation_distillation_loss
 from fss.models.hdmnet.ensemble import BaseLearnerEnsemble, gram_distance
@@ -61,6 +59,9 @@ from fss.models.pspnet import (
     check_input_size,
     load_pspnet_checkpoint,
 )
+from fss.ops import fast_paths as ops_fast_paths
+from fss.ops.boxes import mask_boxes
+from fss.ops.folding import FoldedCache
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +79,12 @@ def _support_feat5(pspnet: PSPNet, layer4: torch.Tensor, masks: torch.Tensor) ->
     """The supports' feat5 (B·K, C, h, w) wherever the prior reads it.
 
     The prior multiplies support features by the nearest-resized mask, so only positions
-    inside a support's mask matter. On a CPU, when some mask box is clearly smaller than
-    the map, feat5 (the PSPNet head's 3x3 conv over 4096 channels, the largest conv of the
-    pass) is computed inside each mask's bounding box only and is 0 elsewhere; otherwise,
-    and on accelerators (no host synchronisation), over the whole map.
+    inside a support's mask matter: where :func:`fss.ops.boxes.mask_boxes` finds boxes
+    worth pruning, feat5 (the PSPNet head's 3x3 conv over 4096 channels, the largest conv
+    of the pass) is computed inside each mask's bounding box only and is 0 elsewhere.
     """
-    if layer4.device.type != "cpu":
-        return pspnet.feat5(layer4)
-    height, width = layer4.shape[-2:]
-    small = F.interpolate(masks, size=(height, width), mode="nearest")[:, 0]
-    boxes = [nonzero_box(mask) for mask in small]
-    if not any(worth_pruning(box, height, width) for box in boxes):
-        return pspnet.feat5(layer4)
-    return pspnet.feat5_in_boxes(layer4, boxes)
+    boxes = mask_boxes(masks, layer4.shape[-2:])
+    return pspnet.feat5(layer4) if boxes is None else pspnet.feat5_in_boxes(layer4, boxes)
 
 
 def _parse_block(dim: int) -> nn.Sequential:
@@ -252,6 +246,9 @@ class HDMNet(nn.Module):
         strict_size: require (H − 1) % 8 == 0 (see ``fss.models.pspnet``).
         head_channels: width of the PSPNet ``cls`` conv (default 512; 128 for
             ``resnet_small``) — must match the checkpoint.
+        fast_paths: run this model's passes on the fast kernels (``True``) or on their
+            straightforward references (``False``, :mod:`fss.ops`); ``None`` follows the
+            process-wide switch (``fss.ops.set_fast_paths``, env ``FSS_FAST_PATHS``).
 
     Inputs of every entry point (``forward``, ``predict``, ``training_loss``,
     ``correlation_maps``): ``query_img`` (B, 3, H, W) and ``support_imgs`` (B, K, 3, H, W),
@@ -287,8 +284,10 @@ class HDMNet(nn.Module):
         embed_dim: int = 64,
         reduce_dim: int = 256,
         prior_scale: float = 10.0,
+        fast_paths: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fast_paths = fast_paths
         if support_mask_mode not in SUPPORT_MASK_MODES:
             raise ValueError(
                 f"unknown support_mask_mode {support_mask_mode!r}; accepted: {', '.join(SUPPORT_MASK_MODES)}"
@@ -376,7 +375,7 @@ class HDMNet(nn.Module):
         elif self.use_support_mask:
             layer3_mask = flat_masks
         # The frozen PSPNet runs as its BatchNorm-folded channels-last copy (same maps up
-        # to float rounding, fss.models.folding); query and supports in one pass when no
+        # to float rounding, fss.ops.folding); query and supports in one pass when no
         # feature-level mask separates them.
         pspnet = self._folded_pspnet.get(self.pspnet)
         channels_last = torch.channels_last
@@ -430,51 +429,52 @@ class HDMNet(nn.Module):
         class_ids: torch.Tensor | None = None,
     ) -> HDMNetOutput:
         """One pass over a checked episode (``support_masks`` {0, 1} in the images' dtype)."""
-        batch, shots = support_imgs.shape[:2]
-        query, support, flat_masks = self._backbone_features(query_img, support_imgs, support_masks)
+        with ops_fast_paths(self.fast_paths):
+            batch, shots = support_imgs.shape[:2]
+            query, support, flat_masks = self._backbone_features(query_img, support_imgs, support_masks)
 
-        query_feat = self.down_query(self._mid_level(query))
-        support_feat = self.down_supp(self._mid_level(support))
-        size = query_feat.shape[-2:]
-        small_masks = F.interpolate(
-            flat_masks, size=support_feat.shape[-2:], mode="bilinear", align_corners=True
-        )
-        prototypes = masked_average_pool(support_feat, small_masks)  # (BK, 256, 1, 1)
-
-        masks_5d = flat_masks.unflatten(0, (batch, shots))
-        query_feat5, support_feat5 = query.feat5, support.feat5
-        if self.backbone_relu:
-            query_feat5, support_feat5 = F.relu(query_feat5), F.relu(support_feat5)
-        priors = []
-        for q, s in ((query_feat5, support_feat5), (query.layer4, support.layer4)):
-            prior = max_cosine_prior(q, s.unflatten(0, (batch, shots)), masks_5d)
-            if prior.shape[-2:] != size:
-                prior = F.interpolate(prior, size=size, mode="bilinear", align_corners=True)
-            priors.append(prior)
-        priors = torch.cat(priors, dim=1)  # (B, 2, h, w): [feat5, layer4]
-
-        support_tokens = self.supp_merge(
-            torch.cat([support_feat, prototypes.expand_as(support_feat)], dim=1)
-        )
-        mean_prototype = prototypes.unflatten(0, (batch, shots)).mean(dim=1)
-        query_tokens = self.query_merge(
-            torch.cat(
-                [query_feat, mean_prototype.expand_as(query_feat), self.prior_scale * priors], dim=1
+            query_feat = self.down_query(self._mid_level(query))
+            support_feat = self.down_supp(self._mid_level(support))
+            size = query_feat.shape[-2:]
+            small_masks = F.interpolate(
+                flat_masks, size=support_feat.shape[-2:], mode="bilinear", align_corners=True
             )
-        )
-        meta, correlations = self.transformer(
-            query_tokens, support_tokens, masks_5d.squeeze(2), priors
-        )
+            prototypes = masked_average_pool(support_feat, small_masks)  # (BK, 256, 1, 1)
 
-        if self.ensemble is None:
-            return HDMNetOutput(final=meta, meta=meta, base=None, correlations=correlations)
-        with torch.no_grad():
-            base = self.pspnet.base_learner(query.feat5)
-            distances = gram_distance(query.layer2, support.layer2.unflatten(0, (batch, shots)))
-        if base.shape[-2:] != meta.shape[-2:]:
-            base = F.interpolate(base, size=meta.shape[-2:], mode="bilinear", align_corners=True)
-        final = self.ensemble(meta, base, distances, class_ids)
-        return HDMNetOutput(final=final, meta=meta, base=base, correlations=correlations)
+            masks_5d = flat_masks.unflatten(0, (batch, shots))
+            query_feat5, support_feat5 = query.feat5, support.feat5
+            if self.backbone_relu:
+                query_feat5, support_feat5 = F.relu(query_feat5), F.relu(support_feat5)
+            priors = []
+            for q, s in ((query_feat5, support_feat5), (query.layer4, support.layer4)):
+                prior = max_cosine_prior(q, s.unflatten(0, (batch, shots)), masks_5d)
+                if prior.shape[-2:] != size:
+                    prior = F.interpolate(prior, size=size, mode="bilinear", align_corners=True)
+                priors.append(prior)
+            priors = torch.cat(priors, dim=1)  # (B, 2, h, w): [feat5, layer4]
+
+            support_tokens = self.supp_merge(
+                torch.cat([support_feat, prototypes.expand_as(support_feat)], dim=1)
+            )
+            mean_prototype = prototypes.unflatten(0, (batch, shots)).mean(dim=1)
+            query_tokens = self.query_merge(
+                torch.cat(
+                    [query_feat, mean_prototype.expand_as(query_feat), self.prior_scale * priors], dim=1
+                )
+            )
+            meta, correlations = self.transformer(
+                query_tokens, support_tokens, masks_5d.squeeze(2), priors
+            )
+
+            if self.ensemble is None:
+                return HDMNetOutput(final=meta, meta=meta, base=None, correlations=correlations)
+            with torch.no_grad():
+                base = self.pspnet.base_learner(query.feat5)
+                distances = gram_distance(query.layer2, support.layer2.unflatten(0, (batch, shots)))
+            if base.shape[-2:] != meta.shape[-2:]:
+                base = F.interpolate(base, size=meta.shape[-2:], mode="bilinear", align_corners=True)
+            final = self.ensemble(meta, base, distances, class_ids)
+            return HDMNetOutput(final=final, meta=meta, base=base, correlations=correlations)
 
     @staticmethod
     def _upsample(logits: torch.Tensor, size) -> torch.Tensor:

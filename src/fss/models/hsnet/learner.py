@@ -7,9 +7,10 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fss.models.hsnet.conv4d import CenterPivotConv4d, GroupNorm6d, is_channels_last_6d
+from fss.models.hsnet.conv4d import CenterPivotConv4d, GroupNorm6d
 from fss.models.hsnet.conv4d_variants import build_conv4d
-from fss.models.hsnet.correlation import BoxedCorrelation
+from fss.ops.conv4d import resize_query_dims, resize_support_dims
+from fss.ops.correlation import BoxedCorrelation
 from fss.utils.errors import ConfigError
 
 # (out channels, kernel sizes, support strides) of each block's three 4D convs (spec table).
@@ -68,33 +69,6 @@ def conv4d_block(in_channels: int, spec: BlockSpec, kernel: str = "center_pivot"
         ]
         channels = out_channels
     return nn.Sequential(*layers)
-
-
-def resize_query_dims(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear (align_corners=True) resize of the query dims: (N,C,ha,wa,hb,wb) -> (N,C,*size,hb,wb)."""
-    n, channels, ha, wa, hb, wb = x.shape
-    if (ha, wa) == tuple(size):
-        return x
-    if is_channels_last_6d(x):
-        # A channels-last image of hb·wb·C channels, in and out without a copy; the
-        # result stays channels-last 6D, the layout the mixing block's conv reads.
-        maps = x.permute(0, 2, 3, 4, 5, 1).reshape(n, ha, wa, -1).permute(0, 3, 1, 2)
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
-        maps = maps.permute(0, 2, 3, 1).reshape(n, *size, hb, wb, channels)
-        return maps.permute(0, 5, 1, 2, 3, 4)
-    x = x.permute(0, 4, 5, 1, 2, 3).reshape(n * hb * wb, channels, ha, wa)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-    return x.view(n, hb, wb, channels, *size).permute(0, 3, 4, 5, 1, 2)
-
-
-def resize_support_dims(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear (align_corners=True) resize of the support dims: (N,C,ha,wa,hb,wb) -> (N,C,ha,wa,*size)."""
-    n, channels, ha, wa, hb, wb = x.shape
-    if (hb, wb) == tuple(size):
-        return x
-    x = x.reshape(n, channels * ha * wa, hb, wb)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-    return x.view(n, channels, ha, wa, *size)
 
 
 class HypercorrelationLearner(nn.Module):

@@ -13,10 +13,11 @@ from torch import Tensor, nn
 
 from fss.models.backbones import FeatureBackbone, build_backbone
 from fss.models.checkpoint_io import load_official_state_dict, read_official, unwrap_state_dict
-from fss.models.folding import FoldedCache
 from fss.models.hsnet.correlation import hypercorrelation_pyramid, mask_features
 from fss.models.hsnet.learner import HypercorrelationLearner
 from fss.models.inputs import check_episode, check_query_mask
+from fss.ops import fast_paths as ops_fast_paths
+from fss.ops.folding import FoldedCache
 from fss.utils.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class HSNet(nn.Module):
         finetune_backbone: train the backbone too (paper Fig. 9), its BatchNorm statistics
             still frozen, at the optimizer's lr x ``backbone_lr_scale`` (1e-3 x 0.01 = 1e-5).
 
+    fast_paths: run this model's passes on the fast kernels (``True``) or on their
+    straightforward references (``False``, :mod:`fss.ops`); ``None`` follows the
+    process-wide switch (``fss.ops.set_fast_paths``, env ``FSS_FAST_PATHS``).
+
     Inputs of every entry point (``forward``, ``predict``, ``per_shot_logits``,
     ``training_loss``): ``query_img`` (B, 3, H, W) and ``support_imgs`` (B, K, 3, H, W),
     floating-point and ImageNet-normalised (``fss.data.transforms.image_to_tensor``), all
@@ -73,8 +78,10 @@ class HSNet(nn.Module):
         layers_per_block: int = 3,
         finetune_backbone: bool = False,
         backbone_lr_scale: float = 0.01,
+        fast_paths: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fast_paths = fast_paths
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights)
         self.backbone = backbone
@@ -114,28 +121,29 @@ class HSNet(nn.Module):
 
     def _per_shot_logits(self, query_img: Tensor, support_imgs: Tensor, masks: Tensor) -> Tensor:
         """:meth:`per_shot_logits` of a checked episode (``masks`` in the images' dtype)."""
-        batch, shots, _, height, width = support_imgs.shape
-        # Without autograd the learner's first 4D convs read partly masked-out levels as
-        # boxes (fss.models.hsnet.correlation.BoxedCorrelation) instead of mostly-zero tensors.
-        boxed = not torch.is_grad_enabled()
-        support_imgs = support_imgs.flatten(0, 1)
-        support_masks = masks.flatten(0, 1)
-        # The backbone is frozen: no graph through it, which saves most of the memory.
-        with contextlib.nullcontext() if self.finetune_backbone else torch.no_grad():
-            query_features, support_features = self._encode(query_img, support_imgs)
-            if self.use_support_mask:
-                support_features = mask_features(support_features, support_masks)
-            pyramid = hypercorrelation_pyramid(
-                query_features, support_features, self.tap_groups, boxed=boxed)
-        logits = self.learner(pyramid)  # (B*K, 2, H/4, W/4)
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
-        return logits.view(batch, shots, 2, height, width)
+        with ops_fast_paths(self.fast_paths):
+            batch, shots, _, height, width = support_imgs.shape
+            # Without autograd the learner's first 4D convs read partly masked-out levels as
+            # boxes (fss.ops.correlation.BoxedCorrelation) instead of mostly-zero tensors.
+            boxed = not torch.is_grad_enabled()
+            support_imgs = support_imgs.flatten(0, 1)
+            support_masks = masks.flatten(0, 1)
+            # The backbone is frozen: no graph through it, which saves most of the memory.
+            with contextlib.nullcontext() if self.finetune_backbone else torch.no_grad():
+                query_features, support_features = self._encode(query_img, support_imgs)
+                if self.use_support_mask:
+                    support_features = mask_features(support_features, support_masks)
+                pyramid = hypercorrelation_pyramid(
+                    query_features, support_features, self.tap_groups, boxed=boxed)
+            logits = self.learner(pyramid)  # (B*K, 2, H/4, W/4)
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
+            return logits.view(batch, shots, 2, height, width)
 
     def _encode(self, query_img: Tensor, support_imgs: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Taps of the B queries and the B·K supports from ONE backbone pass over all images.
 
         A frozen backbone runs as its BatchNorm-folded channels-last copy
-        (:mod:`fss.models.folding`): same maps up to float rounding, no BatchNorm passes.
+        (:mod:`fss.ops.folding`): same maps up to float rounding, no BatchNorm passes.
         """
         images = torch.cat([query_img, support_imgs])
         backbone = self.backbone

@@ -1,5 +1,7 @@
 """Inference copies of frozen backbones: BatchNorm folded into the convolutions, channels-last.
 
+Fast: :meth:`FoldedCache.get` serves the folded copy; reference: the module itself.
+
 A frozen backbone in eval mode computes ``bn(conv(x))`` with fixed statistics, which is one
 convolution with rescaled weights and a bias. Folding removes every BatchNorm pass over the
 feature maps, and channels-last weights let oneDNN / cuDNN run their NHWC kernels without
@@ -19,6 +21,10 @@ import itertools
 
 import torch
 from torch import nn
+
+from fss.ops.config import FAST, REFERENCE, choose_impl
+
+IMPLS = (FAST, REFERENCE)
 
 
 def fold_conv_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
@@ -70,13 +76,16 @@ def tensors_key(tensors) -> tuple:
 
 
 class FoldedCache:
-    """The folded, channels-last copy of a frozen module, rebuilt when the module changes."""
+    """The folded, channels-last copy of a frozen module, rebuilt when the module changes
+    (``fast``); the module itself under ``reference``."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._module: nn.Module | None = None
 
-    def get(self, source: nn.Module) -> nn.Module:
+    def get(self, source: nn.Module, *, impl: str | None = None) -> nn.Module:
+        if choose_impl(impl, IMPLS) == REFERENCE:
+            return source
         key = tensors_key(itertools.chain(source.parameters(), source.buffers()))
         if key != self._key or self._module is None:
             self._module = fold_batchnorms(source)
