@@ -156,7 +156,7 @@ def test_environment_turns_the_fast_kernels_off_in_a_new_process() -> None:
     """FSS_FAST_PATHS=0: an HSNet built and run in a fresh process calls no fast kernel."""
     script = """
 import pytest, torch
-from tests.test_speed_equivalence import spy_on_fast_kernels, _hsnet_episode
+from tests.models.test_speed_equivalence import spy_on_fast_kernels, _hsnet_episode
 import fss.ops
 from fss.models import HSNet
 assert not fss.ops.use_fast_paths()
