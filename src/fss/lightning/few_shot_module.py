@@ -40,7 +40,8 @@ class FewShotModule(L.LightningModule):
             original label size (bilinear, align_corners=True) and scores against
             ``query_mask_orig`` (batches without it are scored at the network size: the
             synthetic benchmark's labels are made at that size). Models with
-            ``per_shot_logits`` (HSNet) vote their K shots at the original size.
+            ``per_shot_logits`` combine their K shots at the original size with their own
+            ``combine_shots`` (HSNet: the vote).
         val_class_ids: classes of validation episodes (default ``eval_class_ids``; FSS-1000
             validates on its own class split).
         run_info: the run's description (``fss.checkpoints.describe_run``: model config,
@@ -134,23 +135,24 @@ class FewShotModule(L.LightningModule):
     def predict_original_size(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per episode, the (H0, W0) int64 {0, 1} prediction at its original label size
         ``query_size_orig``: logits upsampled per sample (so any batch size gives the same
-        result), then argmax, or HSNet's K-shot vote over the upsampled per-shot logits."""
+        result), then argmax, or the model's own K-shot rule over the upsampled per-shot
+        logits: a model that scores each shot on its own (``per_shot_logits``) combines them
+        with its ``combine_shots`` (HSNet: the vote)."""
         inputs = (batch["query_img"], batch["support_imgs"], batch["support_masks"])
         per_shot = getattr(self.model, "per_shot_logits", None)
         if per_shot is not None:
-            from fss.models.hsnet.model import vote  # the K-shot rule of per-shot models
-
             logits = per_shot(*inputs, **empty_support_kwargs(per_shot))  # (B, K, 2, H, W)
+            combine = self.model.combine_shots
         else:
             # (B, 1, 2, H, W): argmax
             logits = self.model(*inputs, **empty_support_kwargs(self.model)).unsqueeze(1)
-            vote = _argmax_of_single_shot
+            combine = _argmax_of_single_shot
         preds = []
         for sample_logits, (height, width) in zip(logits, batch["query_size_orig"].tolist(),
                                                   strict=True):
             upsampled = F.interpolate(sample_logits, size=(height, width), mode="bilinear",
                                       align_corners=True)  # (K, 2, H0, W0)
-            preds.append(vote(upsampled[None])[0])
+            preds.append(combine(upsampled[None])[0])
         return preds
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

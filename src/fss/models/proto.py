@@ -132,18 +132,3 @@ class AllForeground(nn.Module):
                 allow_empty_support: bool = False) -> torch.Tensor:
         return self.forward(query_img, support_imgs, support_masks,
                             allow_empty_support=allow_empty_support).argmax(1)
-
-
-def calibrate_on_base_episodes(model: PrototypeBaseline, datamodule, episodes: int = 200,
-                               thresholds: int = 41) -> float:
-    """Calibrates on ``episodes`` base-class (training-split) episodes of the fold.
-
-    They come from their own seed, so they are not the training episodes of any run.
-    """
-    from torch.utils.data import DataLoader
-
-    dataset = datamodule.source.episodic(
-        "train", datamodule.fold, datamodule.shot, episodes, datamodule.seed + 1000
-    )
-    loader = DataLoader(dataset, batch_size=datamodule.test_batch_size, num_workers=datamodule.num_workers)
-    return model.calibrate(loader, thresholds=thresholds)
