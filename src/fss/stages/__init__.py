@@ -49,9 +49,18 @@ def model_stages(cfg: DictConfig) -> list[Stage]:
 
 
 def check_stages(cfg: DictConfig) -> None:
-    """Each listed stage's own checks (backbone, sizes ...), before anything is built."""
-    for stage in model_stages(cfg):
+    """Each listed stage's own checks (backbone, sizes ...), before anything is built; and
+    ``backbone.weights=pretrain`` only for a network built by the trunk stage."""
+    stages = model_stages(cfg)
+    for stage in stages:
         stage.check(cfg)
+    net = cfg.model.get("net")
+    names = [stage.name for stage in stages]
+    if cfg.backbone.get("weights") == "pretrain" and not names and net is not None \
+            and "weights" in net:
+        raise ConfigError(f"backbone.weights=pretrain but model={cfg.model.name} lists no trunk "
+                          f"stage (model.stages={names}); use backbone.weights=imagenet|none|"
+                          "<file>, or model.stages=[trunk]")
 
 
 def run_stages(cfg: DictConfig) -> str | None:
