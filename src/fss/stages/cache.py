@@ -163,11 +163,13 @@ def _train(stage: Stage, cfg: DictConfig, context: StageContext) -> None:
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Leaves the caller's random state (``random``, numpy, torch on the CPU and every
-    initialised CUDA device, Lightning's seed variables) as it was before the block."""
+    """Leaves the caller's random state (``random``, numpy, torch on the CPU and every CUDA
+    device, Lightning's seed variables) as it was before the block."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     variables = {name: os.environ.get(name) for name in _SEED_VARIABLES}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # Every device: a stage training on the GPU must not advance the generator the model's
+    # own training draws from (a seed queued by manual_seed is applied when it is read).
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield
