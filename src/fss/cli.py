@@ -1,4 +1,4 @@
-"""Hydra job wrapper shared by run.py and the `fss-run` console script."""
+"""The Hydra app behind ``python run.py`` and the ``fss-run`` console script."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def run_job(cfg: DictConfig) -> float | None:
     global _TASK_STARTED
     _TASK_STARTED = True
     _single_log_stream()
+    log.info("%s", describe_choices(cfg))
     if cfg.get("retain_freed_memory", True):
         retain_freed_memory()
     try:
@@ -51,6 +52,32 @@ def run_job(cfg: DictConfig) -> float | None:
     if is_global_zero():  # under DDP every rank runs the job; rank 0 reports it
         print_summary(metrics)
     return metrics["mIoU"]
+
+
+def describe_choices(cfg: DictConfig) -> str:
+    """The choices made for the user, said at the start of every job: the recipe file
+    (``recipe: hsnet_synth (auto)``: picked by model and data; ``(chosen)``: named on the
+    command line) and the backbone (``backbone: resnet_small (model default pspnet_synth)``
+    when the model chose it)."""
+    choices, given = _hydra_choices()
+    recipe = cfg.get("recipe_name", "none")
+    how = "chosen" if "recipe" in given else "auto"
+    line = f"recipe: {recipe} ({how})"
+    backbone = choices.get("backbone")
+    if backbone and backbone != cfg.backbone.name and "backbone" not in given:
+        line += f"; backbone: {cfg.backbone.name} (model default {backbone})"
+    return line
+
+
+def _hydra_choices() -> tuple[dict[str, str], set[str]]:
+    """Hydra's group choices and the groups named on the command line ({} outside an app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, set()
+    hydra_cfg = HydraConfig.get()
+    given = {override.split("=", 1)[0].lstrip("+~") for override in hydra_cfg.overrides.task}
+    return dict(hydra_cfg.runtime.choices), given
 
 
 def as_config_error(error: BaseException) -> ConfigError | None:
@@ -179,12 +206,48 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
-def main() -> None:
-    """Console script: same as ``python run.py`` from the repository root."""
-    import runpy
+def project_root() -> Path:
+    """The checkout this package runs from (``src/fss/cli.py`` -> its root): run.py, conf/,
+    and the default logs/ and .cache/ (``paths.root_dir``)."""
+    return Path(__file__).resolve().parents[2]
 
-    root = Path.cwd()
-    if not (root / "run.py").exists() or not (root / "conf").is_dir():
-        sys.exit("fss-run must be started from the fss repository root (where run.py and conf/ are)")
-    sys.argv[0] = str(root / "run.py")
-    runpy.run_path(str(root / "run.py"), run_name="__main__")
+
+def config_dir() -> Path:
+    """The Hydra config folder: ``FSS_CONFIG_DIR`` if set, else the checkout's ``conf/``."""
+    return Path(os.environ.get("FSS_CONFIG_DIR") or project_root() / "conf").resolve()
+
+
+def restore_from_checkpoint(argv: list[str]) -> list[str]:
+    """``mode=test ckpt_path=<file>``: add the settings the checkpoint records (its model,
+    backbone, data, fold ...); those on the command line win (docs/checkpoints.md)."""
+    if not any(arg.startswith("ckpt_path=") for arg in argv):
+        return argv
+    from fss.checkpoints import restore_command_line
+
+    try:
+        argv, restored = restore_command_line(argv)
+    except ConfigError as error:  # one line and exit status 2, as run_job does
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if restored:
+        print(f"fss: taken from the checkpoint: {' '.join(restored)}", file=sys.stderr)
+    return argv
+
+
+def main() -> None:
+    """``python run.py`` and the ``fss-run`` console script: one Hydra app, started from
+    any directory (the configs are found from this file, not from the working directory)."""
+    import hydra
+
+    conf = config_dir()
+    if not (conf / "config.yaml").is_file():
+        print(f"error: no Hydra configs at {conf} (conf/config.yaml of the fss checkout); "
+              "install fss from its repository (pip install -e .) or set FSS_CONFIG_DIR",
+              file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("PROJECT_ROOT", str(project_root()))
+    # recipe=auto is the default (conf/config.yaml picks conf/recipe/<model>_<data>.yaml).
+    arguments = [arg for arg in sys.argv[1:] if arg != "recipe=auto"]
+    sys.argv[1:] = restore_from_checkpoint(arguments)
+    app = hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(run_job)
+    guarded(app)

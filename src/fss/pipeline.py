@@ -1,4 +1,4 @@
-"""The run: validate config → (pretrain stage) → build → fit → test → metrics.json.
+"""The run: validate config → stages (fss.stages) → build → fit → test → metrics.json.
 
 ``run.py`` calls :func:`run` from a Hydra main; tests call it with composed configs.
 """
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fss.checkpoints import data_settings, describe_run, inspect_run_checkpoint, load_test_weights
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
+from fss.stages import check_stages, run_stage_job, run_stages
 from fss.utils.errors import ConfigError, RegressionError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def validate(cfg: DictConfig, this_machine: bool = True) -> None:
     _validate_seeds(cfg)
     _validate_image_size(cfg)
     _validate_trainer(cfg, this_machine)
+    check_stages(cfg)
     if this_machine:
         _validate_files(cfg)
 
@@ -183,33 +185,22 @@ def _validate_files(cfg: DictConfig) -> None:
                           "PSPNet checkpoint (best.pth) or null to train / reuse the cached one")
 
 
-def resolve_backbone_weights(cfg: DictConfig) -> str | None:
-    """The weights file the model is built with.
-
-    A model config may name its own stage with ``weights_stage`` (a dotted function
-    ``cfg -> path``, e.g. HDMNet's base-learner stage); otherwise ``backbone.weights=pretrain``
-    runs the generic base-class backbone pretraining.
-    """
-    stage = cfg.model.get("weights_stage")
-    if stage:
-        from hydra.utils import get_method
-
-        path = get_method(stage)(cfg)  # None: the stage has nothing to load (e.g. mode=test)
-        return None if path is None else str(path)
-    if cfg.mode == "test" and cfg.ckpt_path:
-        log.info("mode=test with ckpt_path: the backbone weights come from %s", cfg.ckpt_path)
-        return None
-    weights = cfg.backbone.weights
-    if weights == "pretrain":
-        from fss.pretrain import ensure_pretrained_backbone
-
-        return str(ensure_pretrained_backbone(cfg))
-    return None if weights in (None, "none") else str(weights)
-
-
 def build_model(cfg: DictConfig, weights: str | None) -> torch.nn.Module:
     overrides = {"weights": weights} if "weights" in cfg.model.net else {}
     return instantiate(cfg.model.net, **overrides)
+
+
+def calibrate(net: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> None:
+    """The model's ``calibrate`` hook, when it has one (the prototype baseline picks its
+    threshold there), on ``model.calibration.episodes`` base-class episodes of the fold,
+    drawn from their own seed (never the training or test episodes), scored by
+    :mod:`fss.metrics.calibration`."""
+    if getattr(net, "calibrate", None) is None:
+        return
+    from fss.metrics.calibration import calibrate_on_base_episodes
+
+    options = OmegaConf.to_container(cfg.model.get("calibration") or OmegaConf.create({}))
+    calibrate_on_base_episodes(net, datamodule, **options)
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -219,38 +210,54 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs one job and returns (and writes) its metrics."""
+    """Runs one job and returns (and writes) its metrics: validate → data → stages → build →
+    (calibrate) → fit → test → metrics.json."""
     validate(cfg)
-    runner = cfg.model.get("runner")
-    if runner:  # not an episodic model (e.g. model=pspnet, HDMNet's base learner): its own job
-        from hydra.utils import get_method
-
-        return get_method(runner)(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.model.get("net") is None:  # the job is the model's last stage (model=pspnet)
+        return run_stage_job(cfg)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
     # What ckpt_path holds (ours, Lightning, official), checked against the config first.
     checkpoint = inspect_run_checkpoint(cfg) if cfg.ckpt_path else None
-
     datamodule = instantiate(cfg.data.module)
     check_layout = getattr(datamodule.source, "check_layout", None)
     if check_layout is not None:  # a real dataset on disk: its folders before any stage
         check_layout()
-    # A resumed fit restores every weight from its checkpoint, the frozen trunk included:
-    # the stage that made the trunk (or base learner) is neither run nor needed.
-    resuming = cfg.mode == "train" and checkpoint is not None
-    weights = None if resuming else resolve_backbone_weights(cfg)
-    # A stage that just trained (the base-class trunk) consumed random numbers that a run
-    # finding it cached does not: seed again so both build and train the same model.
-    L.seed_everything(cfg.seed, workers=True)
-    net = build_model(cfg, weights)
+    # The stages leave the random state as they found it: a run that trains the trunk and
+    # one that finds it cached build and train the same model.
+    net = build_model(cfg, run_stages(cfg))
+    calibrate(net, cfg, datamodule)
+    module, trainer = _module_and_trainer(cfg, net, datamodule)
+    trainable = bool(cfg.model.get("trainable", True))
+    test_ckpt, fit_seconds = None, 0.0
+    if cfg.mode == "train" and trainable:
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        fit_seconds = time.perf_counter() - fit_start
+        test_ckpt = _best_checkpoint(trainer)
+    elif cfg.mode == "test" and checkpoint is not None:
+        test_ckpt = load_test_weights(checkpoint, net)  # None: an official file, loaded now
+    test_start = time.perf_counter()
+    scores, extra = _scores(_test(cfg, trainer, module, datamodule, test_ckpt), datamodule)
+    metrics = {
+        **job_identity(cfg),
+        **scores,
+        "mode": cfg.mode,
+        "checkpoint": str(test_ckpt or (cfg.ckpt_path if cfg.mode == "test" else "")) or None,
+        "fit_seconds": round(fit_seconds, 1),
+        "test_seconds": round(time.perf_counter() - test_start, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "tags": list(cfg.get("tags") or []),
+        "weights": _weights_origin(cfg, trainable, checkpoint),
+        "protocol": module.protocol_record(),  # name and settings (fss.data.protocols)
+        "status": "ok",
+    }
+    return _finish(cfg, metrics, extra, trainer.is_global_zero)
 
-    if hasattr(net, "calibrate"):
-        from fss.metrics.calibration import calibrate_on_base_episodes
 
-        calibrate_on_base_episodes(net, datamodule, **cfg.model.get("calibration", {}))
-
+def _module_and_trainer(cfg: DictConfig, net: torch.nn.Module,
+                        datamodule: Any) -> tuple[FewShotModule, L.Trainer]:
     eval_resolution = resolve_eval_resolution(cfg, datamodule)
     module = FewShotModule(
         net,
@@ -263,67 +270,65 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_info=describe_run(cfg, datamodule, eval_resolution),  # saved in its checkpoints
         compile=bool(cfg.model.get("compile", False)),
         seed=cfg.seed,
-        episodes_csv=output_dir / "episodes.csv",  # per-episode record (fss.metrics.episodes)
+        episodes_csv=Path(cfg.paths.output_dir) / "episodes.csv",  # per-episode record
     )
     loggers = _instantiate_all(cfg.get("logger"))
-    trainable = bool(cfg.model.get("trainable", True))
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    if not trainable or cfg.mode == "test":
+    if not cfg.model.get("trainable", True) or cfg.mode == "test":
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(_loggable_config(cfg))
+    return module, trainer
 
-    test_ckpt = None
-    fit_seconds = 0.0
-    if cfg.mode == "train" and trainable:
-        fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        fit_seconds = time.perf_counter() - fit_start
-        test_ckpt = _best_checkpoint(trainer)
-    elif cfg.mode == "test" and checkpoint is not None:
-        test_ckpt = load_test_weights(checkpoint, net)  # None: an official file, loaded now
 
-    test_start = time.perf_counter()
+def _test(cfg: DictConfig, trainer: L.Trainer, module: FewShotModule, datamodule: Any,
+          test_ckpt: str | None) -> list[tuple[int | None, dict[str, float]]]:
+    """``[(test seed, scores)]``: one pass per ``test_seeds`` entry (the same weights on
+    several sets of test episodes), or one pass with the data's test seed (seed None)."""
     seeds = [int(s) for s in cfg.get("test_seeds") or []]
     per_seed = []
-    for seed in seeds:  # the same weights on several sets of test episodes
-        datamodule.test_seed = seed
+    for seed in seeds or [None]:
+        if seed is not None:
+            datamodule.test_seed = seed
         results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
         per_seed.append((seed, results[0] if results else {}))
-        log.info("Test seed %d: mIoU %.2f, FB-IoU %.2f", seed,
-                 per_seed[-1][1].get("test/miou", float("nan")),
-                 per_seed[-1][1].get("test/fbiou", float("nan")))
-    if not seeds:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
-    test_seconds = time.perf_counter() - test_start
-    scores = _mean_scores([r for _, r in per_seed]) if seeds else (results[0] if results else {})
-    metrics = {
-        **job_identity(cfg),
+        if seed is not None:
+            log.info("Test seed %d: mIoU %.2f, FB-IoU %.2f", seed,
+                     per_seed[-1][1].get("test/miou", float("nan")),
+                     per_seed[-1][1].get("test/fbiou", float("nan")))
+    return per_seed
+
+
+def _scores(per_seed: list[tuple[int | None, dict[str, float]]],
+            datamodule: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test scores of metrics.json (the mean over test seeds when there are several),
+    and what closes it: the per-seed summary, or the one test seed."""
+    seeded = per_seed[0][0] is not None
+    scores = _mean_scores([r for _, r in per_seed]) if seeded else per_seed[0][1]
+    result = {
         "episodes": int(scores.get("test/episodes", 0)),
         "mIoU": round(float(scores.get("test/miou", float("nan"))), 2),
         "FB-IoU": round(float(scores.get("test/fbiou", float("nan"))), 2),
         "class_iou": {k.split("class")[-1]: round(v, 2) for k, v in scores.items()
                       if k.startswith("test/iou_class")},
-        "mode": cfg.mode,
-        "checkpoint": str(test_ckpt or (cfg.ckpt_path if cfg.mode == "test" else "")) or None,
-        "fit_seconds": round(fit_seconds, 1),
-        "test_seconds": round(test_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "tags": list(cfg.get("tags") or []),
-        "weights": _weights_origin(cfg, trainable, checkpoint),
-        "status": "ok",
     }
+    if seeded:
+        return result, _seed_summary(per_seed)
+    return result, {"test_seed": getattr(datamodule, "test_seed", None)}
+
+
+def _finish(cfg: DictConfig, metrics: dict[str, Any], extra: dict[str, Any],
+            global_zero: bool) -> dict[str, Any]:
+    """The warning, the closing fields and the regression check; writes metrics.json."""
     if metrics["weights"] == "untrained":
         metrics["warning"] = UNTRAINED_WARNING
         log.warning("%s", UNTRAINED_WARNING)
-    metrics["protocol"] = module.protocol_record()  # name and settings (fss.data.protocols)
-    if seeds:
-        metrics.update(_seed_summary(per_seed))
-    else:
-        metrics["test_seed"] = getattr(datamodule, "test_seed", None)
+    metrics.update(extra)
     failure = _verify(cfg, metrics)
-    if trainer.is_global_zero:  # under DDP every rank gets here with the same numbers
+    if global_zero:  # under DDP every rank gets here with the same numbers
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("Wrote %s", output_dir / "metrics.json")
     if failure:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 RESULT_NEUTRAL = (
     "mode", "ckpt_path", "task_name", "tags", "retain_freed_memory", "verify", "verify.*",
     "paper", "paper.*", "resume.*", "paths.*", "logger.*",
+    # Which stages build the weights and which recipe file set the values: the values count.
+    "recipe_name", "model.stages", "model.weights_stage", "model.runner",
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "trainer.enable_model_summary", "trainer.enable_checkpointing",
     "*.num_workers", "*.pin_memory", "*.persistent_workers",

@@ -13,7 +13,7 @@ from fss.utils.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ["model", "backbone", "data", "trainer", "logger", "callbacks", "debug", "pretrain",
-          "experiment"]
+          "experiment", "recipe"]
 
 
 def options(group: str) -> list[str]:
@@ -118,3 +118,61 @@ def test_hsnet_and_hdmnet_default_synth_runs_share_scenes_and_episodes(compose_c
         assert bool((mask[valid] == a["query_mask"][valid]).float().mean() > 0.99)
         supports = _resized(b["support_imgs"], size, "bilinear")
         assert (supports - a["support_imgs"]).abs().mean() < 0.05
+
+
+def test_the_recipe_is_picked_by_model_and_data_and_named(compose_cfg):
+    assert compose_cfg([]).recipe_name == "hsnet_synth"
+    assert compose_cfg(["model=hdmnet", "data=pascal"]).recipe_name == "hdmnet_pascal"
+    assert compose_cfg(["model=proto"]).recipe_name == "none"  # no proto_synth.yaml
+    off = compose_cfg(["recipe=none"])
+    assert off.recipe_name == "none" and off.trainer.max_epochs == 8  # trainer/default.yaml
+    assert off.model.scheduler is None  # hsnet_synth.yaml's cosine decay is not applied
+    chosen = compose_cfg(["recipe=hsnet_pascal"])
+    assert chosen.recipe_name == "hsnet_pascal" and chosen.trainer.max_epochs == 2000
+
+
+def test_the_job_says_which_recipe_and_trunk_were_chosen(compose_cfg):
+    from fss.cli import describe_choices
+
+    assert describe_choices(compose_cfg([])) == "recipe: hsnet_synth (auto)"
+
+
+def test_optimizers_are_a_group_and_replace_the_whole_node(compose_cfg):
+    # The base learner: BAM's SGD unless model=pspnet / hdmnet choose the data's optimizer.
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "lr": 2.5e-4,
+           "weight_decay": 1e-4}
+    adamw = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3, "weight_decay": 1e-4}
+    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    assert container(compose_cfg([]).base_learner.optimizer) == sgd
+    for model in ("hdmnet", "pspnet"):
+        assert container(compose_cfg([f"model={model}"]).base_learner.optimizer) == adamw
+        assert container(compose_cfg([f"model={model}", "data=pascal"]).base_learner.optimizer) == sgd
+    other = compose_cfg(["model=hdmnet", "optimizer@base_learner.optimizer=adam",
+                         "base_learner.optimizer.lr=1e-3"])
+    assert container(other.base_learner.optimizer) == {
+        "_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+    assert compose_cfg([]).model.optimizer._target_ == "torch.optim.Adam"
+    assert compose_cfg([]).pretrain.optimizer._target_ == "torch.optim.AdamW"
+    assert not (CONF / "recipe" / "parts").exists()
+
+
+def test_data_configs_read_no_model_key(compose_cfg):
+    for path in sorted((CONF / "data").glob("*.yaml")):
+        settings = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
+        assert not [line for line in settings if "model." in line], path.name
+    # HDMNet's episode augmentation reaches the data through its recipe.
+    hdmnet = compose_cfg(["model=hdmnet", "data=coco"])
+    assert OmegaConf.to_container(hdmnet.data.source.train_augmentation, resolve=True) == \
+        OmegaConf.to_container(hdmnet.model.augmentation, resolve=True)
+    assert hdmnet.data.source.train_augmentation.size == 633
+    assert compose_cfg(["data=pascal"]).data.source.train_augmentation is None
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_yaml_comments_carry_no_machine_measurements(path):
+    import re
+
+    measurement = re.compile(r"\b(cpu cores?|\d+ cores|ms per|s per (step|episode)|"
+                             r"\d+ min \d+ s|mIoU \d|\d+\.\d+ base-class)", re.IGNORECASE)
+    comments = [line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line]
+    assert not [c for c in comments if measurement.search(c)]

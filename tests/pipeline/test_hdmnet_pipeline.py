@@ -42,7 +42,7 @@ def test_hdmnet_on_synth_selects_the_fast_recipe(compose_cfg):
     assert cfg.backbone.name == "resnet_small"  # the default trunk when none is chosen
     # The benchmark's default scenes (HSNet's): PSPNet accepts 112² without the strict rule.
     assert cfg.data.image_size == 112 and cfg.base_learner.strict_size is False
-    assert cfg.model.weights_stage == "fss.base_learner.ensure_base_learner"
+    assert list(cfg.model.stages) == ["base_learner"]
     assert cfg.model.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.model.scheduler._target_ == "fss.lightning.schedules.poly_lr"
     assert cfg.base_learner.max_epochs < 10  # the fast base learner, not BAM's 100 epochs
@@ -60,7 +60,7 @@ def test_hdmnet_on_synth_selects_the_fast_recipe(compose_cfg):
 
 @pytest.mark.parametrize("model", ["hdmnet", "pspnet"])
 def test_an_explicit_backbone_without_a_pspnet_variant_is_an_error(compose_cfg, model):
-    from fss.base_learner import check_backbone
+    from fss.stages.base_learner import check_backbone
     from fss.utils.errors import ConfigError
 
     cfg = compose_cfg([f"model={model}", "backbone=resnet18"])
@@ -73,7 +73,7 @@ def test_an_explicit_backbone_without_a_pspnet_variant_is_an_error(compose_cfg, 
 
 
 def test_a_size_the_strict_pspnet_rule_rejects_is_an_error(compose_cfg):
-    from fss.base_learner import check_backbone
+    from fss.stages.base_learner import check_backbone
     from fss.utils.errors import ConfigError
 
     check_backbone(compose_cfg(["model=hdmnet", "base_learner.strict_size=true",

@@ -47,7 +47,9 @@ def test_segmenter_head_levels_choose_which_levels_are_supervised():
 
 
 def test_default_head_levels_keep_the_trunk_cache_key(compose_cfg, tmp_path):
-    from fss.pretrain import pretrain_key
+    from fss.stages.trunk import TRUNK
+
+    pretrain_key = TRUNK.key
 
     default = pretrain_key(compose_cfg([], cache_dir=tmp_path))
     explicit = pretrain_key(compose_cfg(["pretrain.head_levels=[4,3,2]"], cache_dir=tmp_path))

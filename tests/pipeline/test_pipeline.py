@@ -203,3 +203,26 @@ def test_every_stage_shows_the_configured_progress_bar(compose_cfg, tmp_path, mo
     monkeypatch.setattr(L.Trainer, "fit", recording_fit)
     run(compose_cfg([*SHORT, "callbacks.progress_bar.refresh_rate=5"], cache_dir=tmp_path / "c"))
     assert bars == [TQDMProgressBar, TQDMProgressBar]  # trunk stage, then HSNet
+
+
+def test_fss_run_is_the_hydra_app_from_any_directory(tmp_path):
+    """The console script's function runs a cheap job from a folder without run.py or conf/."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fss-run"] == "fss.cli:main"
+    env = {key: value for key, value in os.environ.items() if key != "PROJECT_ROOT"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    command = [sys.executable, "-c", "from fss.cli import main; main()"]
+    shown = subprocess.run([*command, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0 and "recipe: " in shown.stdout, shown.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [*command, "model=all_foreground", "mode=test", "recipe=auto", *TINY,
+         "data.module.test_episodes=4", f"hydra.run.dir={run_dir}",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_metrics(run_dir)["episodes"] == 4
+    assert "recipe: none (auto)" in (run_dir / "run.log").read_text()

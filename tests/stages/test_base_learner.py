@@ -1,4 +1,4 @@
-"""HDMNet's base-learner stage (fss.base_learner): train, cache, reuse, refuse mismatches."""
+"""HDMNet's base-learner stage (fss.stages.base_learner): train, cache, reuse, refuse mismatches."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fss.base_learner import base_learner_key, ensure_base_learner
 from fss.models.pspnet import PSPNet
 from fss.pipeline import run
+from fss.stages import check_stages, run_stages
+from fss.stages.base_learner import base_learner_key
 from fss.utils.errors import ConfigError
 
 # Shared 2-core machine: one intra-op thread avoids OpenMP spin-waits under load.
@@ -19,6 +20,13 @@ torch.set_num_threads(1)
 # 65 = 8·8 + 1: PSPNet's (H - 1) % 8 == 0 rule with tiny scenes.
 TINY = ["data.image_size=65", "data.module.num_workers=0", "data.semantic.num_workers=0",
         "debug=fdr"]
+
+
+def ensure_base_learner(cfg) -> Path | None:
+    """What the pipeline does for model=hdmnet before it builds the network."""
+    check_stages(cfg)
+    weights = run_stages(cfg)
+    return None if weights is None else Path(weights)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +72,7 @@ def test_second_run_reuses_the_checkpoint(trained, caplog):
     assert checkpoint.stat().st_mtime_ns == stamp
     assert "Reusing base learner" in caplog.text
     assert again["reused"] is True and again["checkpoint"] == str(checkpoint)
-    # The HDMNet weights stage finds the same file (shared recipe => shared cache key).
+    # HDMNet's stage finds the same file (shared recipe => shared cache key).
     hdmnet = compose_config(["model=hdmnet", *TINY], root / "third", cache)
     assert ensure_base_learner(hdmnet) == checkpoint
     assert checkpoint.stat().st_mtime_ns == stamp

@@ -41,7 +41,8 @@ class FewShotModule(L.LightningModule):
             original label size (bilinear, align_corners=True) and scores against
             ``query_mask_orig`` (batches without it are scored at the network size: the
             synthetic benchmark's labels are made at that size). Models with
-            ``per_shot_logits`` (HSNet) vote their K shots at the original size.
+            ``per_shot_logits`` combine their K shots at the original size with their own
+            ``combine_shots`` (HSNet: the vote).
         val_class_ids: classes of validation episodes (default ``eval_class_ids``; FSS-1000
             validates on its own class split).
         run_info: the run's description (``fss.checkpoints.describe_run``: model config,
@@ -148,7 +149,8 @@ class FewShotModule(L.LightningModule):
     def predict_original_size(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per episode, the (H0, W0) int64 {0, 1} prediction at its original label size
         ``query_size_orig``: logits upsampled per sample (so any batch size gives the same
-        result), then argmax, or HSNet's K-shot vote over the upsampled per-shot logits."""
+        result), then argmax, or the model's own K-shot rule (``combine_shots``) over the
+        upsampled per-shot logits."""
         logits, combine = shot_logits(
             self.model, batch["query_img"], batch["support_imgs"], batch["support_masks"])
         return [combine(upsample_logits(sample_logits, (height, width))[None])[0]
@@ -267,7 +269,8 @@ def shot_logits(
     """The logits that evaluation at the original size upsamples, and the rule that turns
     upsampled logits into a mask (shared with :mod:`fss.predict`).
 
-    Models with ``per_shot_logits`` (HSNet): (B, K, 2, H, W) and HSNet's K-shot vote;
+    Models with ``per_shot_logits`` (HSNet): (B, K, 2, H, W) and the model's
+    ``combine_shots`` (HSNet's K-shot vote);
     others: the forward logits as (B, 1, 2, H, W) and the argmax. The rule maps
     (B, K, 2, H0, W0) logits to (B, H0, W0) int64 {0, 1}. ``allow_empty_support`` is passed
     to every model that takes it (benchmark episodes can lose a support's object).
@@ -275,10 +278,10 @@ def shot_logits(
     inputs = (query_img, support_imgs, support_masks)
     per_shot = getattr(model, "per_shot_logits", None)
     if per_shot is not None:
-        from fss.models.hsnet.model import vote  # the K-shot rule of per-shot models
-
+        # A model that scores each shot on its own combines them by its own K-shot rule
+        # (``combine_shots``; HSNet: the vote).
         options = empty_support_kwargs(per_shot) if allow_empty_support else {}
-        return per_shot(*inputs, **options), vote
+        return per_shot(*inputs, **options), model.combine_shots
     options = empty_support_kwargs(model) if allow_empty_support else {}
     return model(*inputs, **options).unsqueeze(1), _argmax_of_single_shot
 

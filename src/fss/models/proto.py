@@ -133,4 +133,3 @@ class AllForeground(nn.Module):
                 allow_empty_support: bool = False) -> torch.Tensor:
         return self.forward(query_img, support_imgs, support_masks,
                             allow_empty_support=allow_empty_support).argmax(1)
-

@@ -197,7 +197,14 @@ class HSNet(nn.Module):
         logits = self.per_shot_logits(
             query_img, support_imgs, support_masks, allow_empty_support=allow_empty_support
         )
-        return vote(logits)
+        return self.combine_shots(logits)
+
+    @staticmethod
+    def combine_shots(per_shot_logits: Tensor) -> Tensor:
+        """HSNet's K-shot rule: (B, K, 2, H, W) per-shot logits at any size -> (B, H, W)
+        int64 {0, 1}, the vote of :func:`vote` (used by :meth:`predict` and by evaluation
+        at the original label size)."""
+        return vote(per_shot_logits)
 
     def training_loss(
         self,

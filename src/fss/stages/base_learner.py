@@ -5,14 +5,14 @@ classes (novel classes are background there, never seen). This module trains it,
 and hands it to HDMNet:
 
 - ``python run.py model=pspnet data=<d> fold=<k> backbone=<b>`` runs the stage as a job
-  (:func:`run_base_learner`) and writes ``metrics.json`` (base-class val mIoU);
-- ``model=hdmnet`` calls :func:`ensure_base_learner` (its ``weights_stage``) before it builds
-  the network: a configured ``base_learner.ckpt`` is used as is; otherwise the cached
+  (:meth:`BaseLearnerStage.job`) and writes ``metrics.json`` (base-class val mIoU);
+- ``model=hdmnet`` lists the stage in ``model.stages``, so the pipeline obtains it before it
+  builds the network: a configured ``base_learner.ckpt`` is used as is; otherwise the cached
   checkpoint is reused, or — on the synthetic benchmark only — trained first. On real
   datasets a missing checkpoint is a :class:`~fss.utils.errors.ConfigError` that names the
   command making it (training PSPNet is hours of GPU time, never a side effect).
 
-Cache layout (as ``fss.pretrain``): ``<paths.cache_dir>/base_learner/<data>-fold<k>-<backbone>-
+Cache layout (:mod:`fss.stages.cache`): ``<paths.cache_dir>/base_learner/<data>-fold<k>-<backbone>-
 <hash>/best.pth`` (``{"state_dict": PSPNet state dict}``, the layout of the official
 ``best.pth``) + ``meta.json`` (data, fold, backbone, classes, base-class val mIoU, recipe).
 The hash covers what changes the trained network: the ``base_learner`` recipe (minus
@@ -24,26 +24,19 @@ a real run). The training images are drawn with ``base_learner.seed``, not the r
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from fss.lightning import SegmentationModule
-from fss.lightning.callbacks import display_callbacks
 from fss.models.psp_backbones import PSP_BACKBONES
 from fss.models.pspnet import (
     PSPNet,
@@ -51,8 +44,9 @@ from fss.models.pspnet import (
     load_pspnet_checkpoint,
     pspnet_state_dict_from_checkpoint,
 )
+from fss.stages.cache import Artifact, Stage, StageContext, obtain, read_meta
+from fss.stages.training import stage_trainer
 from fss.utils.errors import ConfigError
-from fss.utils.filelock import file_lock
 from fss.utils.ranks import is_global_zero
 
 log = logging.getLogger(__name__)
@@ -76,34 +70,6 @@ def _without_paths(node: Any) -> Any:
     if isinstance(node, list):
         return [_without_paths(v) for v in node]
     return node
-
-
-def base_learner_key(cfg: DictConfig) -> str:
-    """``<data>-fold<k>-<backbone>-<hash>``: see the module docstring for what is hashed."""
-    # Resolved with an empty `model`: data configs may pass model settings to their source
-    # (e.g. the episodes' augmentation), which must not split the cache between the
-    # model=pspnet job and the HDMNet runs that use its checkpoint.
-    neutral = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    neutral.model = {}
-    semantic = neutral.data.get("semantic")
-    semantic = {} if semantic is None else OmegaConf.to_container(semantic, resolve=True)
-    for key in _LOADER_KEYS:
-        semantic.pop(key, None)
-    recipe = OmegaConf.to_container(cfg.base_learner, resolve=True)
-    recipe.pop("ckpt", None)
-    payload = {
-        "semantic": _without_paths(semantic),
-        "recipe": recipe,
-        "backbone": cfg.backbone.name,
-        "limits": {k: cfg.trainer.get(k) for k in
-                   ("fast_dev_run", "limit_train_batches", "limit_val_batches", "overfit_batches")},
-    }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.data.name}-fold{cfg.fold}-{cfg.backbone.name}-{digest}"
-
-
-def base_learner_path(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.cache_dir) / "base_learner" / base_learner_key(cfg) / "best.pth"
 
 
 def make_command(cfg: DictConfig) -> str:
@@ -161,8 +127,7 @@ def verify_checkpoint(path: Path, cfg: DictConfig, num_classes: int | None) -> d
     """Refuses a base-learner checkpoint made for another dataset, fold, backbone or class
     count (``meta.json`` beside it, and the classifier's shape); returns the meta (``{}``
     for a file without one, e.g. an official ``best.pth``)."""
-    meta_file = path.parent / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_meta(path)
     expected = {"data": cfg.data.name, "fold": cfg.fold, "backbone": cfg.backbone.name}
     if num_classes is not None:
         expected["num_classes"] = num_classes
@@ -191,70 +156,161 @@ def verify_checkpoint(path: Path, cfg: DictConfig, num_classes: int | None) -> d
 
 
 # ------------------------------------------------------------------------------ stage
-def ensure_base_learner(cfg: DictConfig) -> Path | None:
-    """HDMNet's ``weights_stage``: the path of the PSPNet checkpoint to build HDMNet with.
+class BaseLearnerStage(Stage):
+    name = "base_learner"
+    description = "base learner"
+    folder = "base_learner"
+    filename = "best.pth"
 
-    ``mode=test`` with a ``ckpt_path`` needs none (the Lightning checkpoint holds the
-    frozen PSPNet too) and returns None."""
-    check_backbone(cfg)
-    if cfg.get("mode") == "test" and cfg.get("ckpt_path"):
-        log.info("mode=test with ckpt_path: the base learner comes from %s", cfg.ckpt_path)
-        return None
-    path, _, _ = obtain_base_learner(cfg, train_if_missing=cfg.data.name in TRAIN_ON_THE_FLY)
-    return path
+    def check(self, cfg: DictConfig) -> None:
+        check_backbone(cfg)
 
+    def trains_on_the_fly(self, cfg: DictConfig) -> bool:
+        return cfg.data.name in TRAIN_ON_THE_FLY
 
-def obtain_base_learner(cfg: DictConfig, train_if_missing: bool) -> tuple[Path, dict, bool]:
-    """(checkpoint, meta, trained now): the configured, cached or newly trained one."""
-    num_classes = _expected_num_classes(cfg)
-    configured = cfg.base_learner.get("ckpt")
-    if configured:
+    def key_payload(self, cfg: DictConfig) -> dict[str, Any]:
+        """See the module docstring for what is hashed."""
+        # Resolved without `model` and without the episodes' own settings (a recipe passes
+        # the model's augmentation to the episodes): they must not split the cache between
+        # the model=pspnet job and the HDMNet runs that use its checkpoint.
+        neutral = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        neutral.model = {}
+        source = neutral.data.get("source")
+        if source is not None:
+            for key in _EPISODE_KEYS:
+                source.pop(key, None)
+        semantic = neutral.data.get("semantic")
+        semantic = {} if semantic is None else OmegaConf.to_container(semantic, resolve=True)
+        for key in _LOADER_KEYS:
+            semantic.pop(key, None)
+        recipe = OmegaConf.to_container(cfg.base_learner, resolve=True)
+        recipe.pop("ckpt", None)
+        return {
+            "semantic": _without_paths(semantic),
+            "recipe": recipe,
+            "backbone": cfg.backbone.name,
+            "limits": {k: cfg.trainer.get(k) for k in
+                       ("fast_dev_run", "limit_train_batches", "limit_val_batches",
+                        "overfit_batches")},
+        }
+
+    def configured(self, cfg: DictConfig) -> Artifact | None:
+        configured = cfg.base_learner.get("ckpt")
+        if not configured:
+            return None
         path = Path(str(configured))
         if not path.is_file():
             raise ConfigError(f"base_learner.ckpt={path} does not exist; pass a PSPNet "
                               f"checkpoint (best.pth) or null to use the cache / `{make_command(cfg)}`")
-        meta = verify_checkpoint(path, cfg, num_classes)
+        meta = verify_checkpoint(path, cfg, _expected_num_classes(cfg))
         log.info("Using the configured base learner %s", path)
-        return path, meta, False
+        return Artifact(path, meta, trained=False)
 
-    path = base_learner_path(cfg)
-    if not is_global_zero() and train_if_missing and not path.exists():
-        # A DDP rank > 0: rank 0 holds the lock while its fit waits for this process to join,
-        # so train along without the lock; rank 0 saves the checkpoint (train_base_learner).
-        with _preserved_rng():
-            meta = train_base_learner(cfg, path)
-        return path, meta, True
-    with file_lock(path.parent.with_suffix(".lock")):
-        if path.exists():
-            meta = verify_checkpoint(path, cfg, num_classes)
-            log.info("Reusing base learner %s (base-class val mIoU %s)", path,
-                     meta.get("val_miou_base"))
-            return path, meta, False
-        if not train_if_missing:
-            raise ConfigError(
-                f"no base-learner (PSPNet) checkpoint for data={cfg.data.name} fold={cfg.fold} "
-                f"backbone={cfg.backbone.name}: expected {path}. Train it first with "
-                f"`{make_command(cfg)}` (same paths.cache_dir), or pass "
-                "base_learner.ckpt=<path of a PSPNet best.pth>"
-            )
-        log.info("No cached base learner for %s: training it now (stage 'base_learner')",
-                 base_learner_key(cfg))
-        with _preserved_rng():
-            meta = train_base_learner(cfg, path)
-    return path, meta, True
+    def verify(self, cfg: DictConfig, path: Path) -> dict[str, Any]:
+        meta = verify_checkpoint(path, cfg, _expected_num_classes(cfg))
+        log.info("Base learner %s: base-class val mIoU %s", path, meta.get("val_miou_base"))
+        return meta
+
+    def missing(self, cfg: DictConfig, path: Path) -> Exception:
+        return ConfigError(
+            f"no base-learner (PSPNet) checkpoint for data={cfg.data.name} fold={cfg.fold} "
+            f"backbone={cfg.backbone.name}: expected {path}. Train it first with "
+            f"`{make_command(cfg)}` (same paths.cache_dir), or pass "
+            "base_learner.ckpt=<path of a PSPNet best.pth>"
+        )
+
+    def train(self, cfg: DictConfig, context: StageContext) -> None:
+        """Trains PSPNet on the fold's base classes, keeping the best validation weights."""
+        _expected_num_classes(cfg)  # a class-count mismatch is refused before training
+        recipe = cfg.base_learner
+        if recipe.get("imagenet_weights") is None and cfg.data.name not in TRAIN_ON_THE_FLY:
+            log.warning("base_learner.imagenet_weights is null: PSPNet starts from random weights "
+                        "(the official recipe starts from ImageNet, resnet50_v2.pth)")
+        L.seed_everything(int(recipe.seed), workers=True)
+        datamodule = _semantic_datamodule(cfg)
+        num_classes = datamodule.num_labels
+        net = build_pspnet(cfg, num_classes)
+        module = SegmentationModule(
+            net,
+            num_classes=num_classes,
+            optimizer=instantiate(recipe.optimizer),
+            scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
+        )
+        best = BestWeights()
+        callbacks: list[L.Callback] = [best]
+        if recipe.get("early_stop_patience"):
+            callbacks.append(EarlyStopping(MONITOR, patience=int(recipe.early_stop_patience),
+                                           mode="max"))
+        trainer = stage_trainer(cfg, "base_learner", int(recipe.max_epochs), callbacks)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        elapsed = time.perf_counter() - start
+        state = best.state if best.state is not None else net.state_dict()
+        context.save({"state_dict": state}, {
+            "data": cfg.data.name,
+            "fold": cfg.fold,
+            "backbone": cfg.backbone.name,
+            "num_classes": num_classes,
+            "base_classes": list(datamodule.base_classes),
+            "head_channels": net.feat5_channels,
+            "val_miou_base": None if best.best is None else round(best.best, 2),
+            "best_epoch": best.epoch,
+            "epochs_run": int(trainer.current_epoch),
+            "seconds": round(elapsed, 1),
+            "fast_dev_run": bool(cfg.trainer.get("fast_dev_run")),
+            "recipe": OmegaConf.to_container(recipe, resolve=True),
+        })
+        trainer.strategy.barrier("base-learner-saved")
+
+    # -- model=pspnet: the stage as a job ----------------------------------------------
+    def job(self, cfg: DictConfig) -> dict[str, Any]:
+        """Trains (or reuses) the fold's base learner; ``mode=test`` evaluates the cached /
+        configured one. Writes and returns ``metrics.json`` (``mIoU`` = base-class val mIoU,
+        background included; no episodes, so ``FB-IoU`` is NaN)."""
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if cfg.mode == "test":
+            artifact = obtain(self, cfg, train_if_missing=False)
+            test_start = time.perf_counter()
+            miou = evaluate_base_learner(cfg, artifact.path)
+            test_seconds = time.perf_counter() - test_start
+        else:
+            artifact = obtain(self, cfg, train_if_missing=True)
+            miou = artifact.meta.get("val_miou_base")
+            miou = float("nan") if miou is None else float(miou)
+            test_seconds = 0.0
+        from fss.pipeline import job_identity
+
+        meta = artifact.meta
+        metrics = {
+            **job_identity(cfg),
+            "episodes": 0,
+            "mIoU": round(miou, 2),
+            "FB-IoU": float("nan"),
+            "metric": "base-class val mIoU (background + base classes)",
+            "num_classes": meta.get("num_classes"),
+            "mode": cfg.mode,
+            "checkpoint": str(artifact.path),
+            "reused": not artifact.trained,
+            "fit_seconds": float(meta.get("seconds", 0.0)) if artifact.trained else 0.0,
+            "test_seconds": round(test_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "tags": list(cfg.get("tags") or []),
+            "status": "ok",
+        }
+        if is_global_zero():  # under DDP every rank gets here with the same numbers
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            log.info("Wrote %s", output_dir / "metrics.json")
+        return metrics
 
 
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """The caller's random state is unchanged by the stage, so a run that trains the base
-    learner and one that reuses it initialise and train HDMNet identically."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+BASE_LEARNER = BaseLearnerStage()
+
+
+def base_learner_key(cfg: DictConfig) -> str:
+    """``<data>-fold<k>-<backbone>-<hash>``: see the module docstring for what is hashed."""
+    return BASE_LEARNER.key(cfg)
 
 
 class BestWeights(L.Callback):
@@ -298,73 +354,6 @@ def _semantic_datamodule(cfg: DictConfig):
     return instantiate(cfg.data.semantic, seed=int(cfg.base_learner.seed))
 
 
-def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int) -> L.Trainer:
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.update(
-        max_epochs=max_epochs,
-        enable_checkpointing=False,
-        logger=CSVLogger(cfg.paths.output_dir, name="base_learner"),
-        callbacks=[*callbacks, *display_callbacks(cfg)],
-    )
-    trainer_cfg.pop("max_steps", None)
-    return instantiate(trainer_cfg)
-
-
-def train_base_learner(cfg: DictConfig, path: Path) -> dict:
-    """Trains PSPNet on the fold's base classes; writes ``path`` and ``meta.json``."""
-    recipe = cfg.base_learner
-    if recipe.get("imagenet_weights") is None and cfg.data.name not in TRAIN_ON_THE_FLY:
-        log.warning("base_learner.imagenet_weights is null: PSPNet starts from random weights "
-                    "(the official recipe starts from ImageNet, resnet50_v2.pth)")
-    L.seed_everything(int(recipe.seed), workers=True)
-    datamodule = _semantic_datamodule(cfg)
-    num_classes = datamodule.num_labels
-    net = build_pspnet(cfg, num_classes)
-    module = SegmentationModule(
-        net,
-        num_classes=num_classes,
-        optimizer=instantiate(recipe.optimizer),
-        scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
-    )
-    best = BestWeights()
-    callbacks: list[L.Callback] = [best]
-    if recipe.get("early_stop_patience"):
-        callbacks.append(EarlyStopping(MONITOR, patience=int(recipe.early_stop_patience), mode="max"))
-    trainer = _trainer(cfg, callbacks, int(recipe.max_epochs))
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    elapsed = time.perf_counter() - start
-
-    state = best.state if best.state is not None else net.state_dict()
-    if not trainer.is_global_zero:  # under DDP rank 0 writes the checkpoint; wait until it has
-        trainer.strategy.barrier("base-learner-saved")
-        return json.loads((path.parent / "meta.json").read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": state}, tmp)
-    tmp.replace(path)  # atomic: a crashed run never leaves a half-written checkpoint
-    meta = {
-        "key": base_learner_key(cfg),
-        "data": cfg.data.name,
-        "fold": cfg.fold,
-        "backbone": cfg.backbone.name,
-        "num_classes": num_classes,
-        "base_classes": list(datamodule.base_classes),
-        "head_channels": net.feat5_channels,
-        "val_miou_base": None if best.best is None else round(best.best, 2),
-        "best_epoch": best.epoch,
-        "epochs_run": int(trainer.current_epoch),
-        "seconds": round(elapsed, 1),
-        "fast_dev_run": bool(cfg.trainer.get("fast_dev_run")),
-        "recipe": OmegaConf.to_container(recipe, resolve=True),
-    }
-    (path.parent / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("Base learner saved to %s (base-class val mIoU %s, %.0f s)",
-             path, meta["val_miou_base"], elapsed)
-    trainer.strategy.barrier("base-learner-saved")
-    return meta
-
-
 # -------------------------------------------------------------------------------- job
 def evaluate_base_learner(cfg: DictConfig, path: Path) -> float:
     """Base-class val mIoU (background included, as BAM) of the checkpoint at ``path``."""
@@ -373,48 +362,6 @@ def evaluate_base_learner(cfg: DictConfig, path: Path) -> float:
     load_pspnet_checkpoint(net, path)
     module = SegmentationModule(net, num_classes=datamodule.num_labels,
                                 optimizer=instantiate(cfg.base_learner.optimizer))
-    trainer = _trainer(cfg, [], 1)
+    trainer = stage_trainer(cfg, "base_learner", 1)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     return float(results[0][MONITOR]) if results else float("nan")
-
-
-def run_base_learner(cfg: DictConfig) -> dict[str, Any]:
-    """``model=pspnet``: train (or reuse) the fold's base learner; ``mode=test`` evaluates
-    the cached / configured one. Writes and returns ``metrics.json`` (``mIoU`` = base-class
-    val mIoU, background included; no episodes, so ``FB-IoU`` is NaN)."""
-    check_backbone(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    if cfg.mode == "test":
-        path, meta, trained = obtain_base_learner(cfg, train_if_missing=False)
-        test_start = time.perf_counter()
-        miou = evaluate_base_learner(cfg, path)
-        test_seconds = time.perf_counter() - test_start
-    else:
-        path, meta, trained = obtain_base_learner(cfg, train_if_missing=True)
-        miou = meta.get("val_miou_base")
-        miou = float("nan") if miou is None else float(miou)
-        test_seconds = 0.0
-    from fss.pipeline import job_identity
-
-    metrics = {
-        **job_identity(cfg),
-        "episodes": 0,
-        "mIoU": round(miou, 2),
-        "FB-IoU": float("nan"),
-        "metric": "base-class val mIoU (background + base classes)",
-        "num_classes": meta.get("num_classes"),
-        "mode": cfg.mode,
-        "checkpoint": str(path),
-        "reused": not trained,
-        "fit_seconds": float(meta.get("seconds", 0.0)) if trained else 0.0,
-        "test_seconds": round(test_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "tags": list(cfg.get("tags") or []),
-        "status": "ok",
-    }
-    if is_global_zero():  # under DDP every rank gets here with the same numbers
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("Wrote %s", output_dir / "metrics.json")
-    return metrics
