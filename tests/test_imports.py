@@ -35,8 +35,6 @@ LAYERS: dict[str, int] = {
     "fss.metrics": 3,          # torchmetrics Metrics (+ the prototype calibration score)
     "fss.lightning": 4,        # LightningModules, callbacks
     "fss.stages": 4,           # cached training stages
-    "fss.pretrain": 4,
-    "fss.base_learner": 4,
     "fss.checkpoints": 4,      # run description of Lightning checkpoints, fss.load_model
     "fss.resume": 4,
     "fss.pipeline": 5,         # one job: stages, fit, test, metrics.json
@@ -48,11 +46,7 @@ LAYERS: dict[str, int] = {
 }
 LAYER_NAMES = ["utils", "ops", "models", "data/metrics", "lightning/stages", "pipeline", "cli"]
 # (importer, imported): allowed against the direction, each with its reason.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("fss.base_learner", "fss.pipeline"):
-        "the base-learner job writes the fields that name a job in metrics.json with the "
-        "pipeline's job_identity (function-level import)",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def all_modules() -> dict[str, Path]:

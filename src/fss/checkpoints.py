@@ -153,6 +153,41 @@ def data_settings(cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
+# ------------------------------------------------------------------ job identity
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The fields that say which job a metrics.json belongs to (read by sweep reports)."""
+    return {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "backbone": cfg.backbone.name,
+        "fold": cfg.fold,
+        "shot": cfg.shot,
+        "train_shot": cfg.train_shot,
+        "seed": cfg.seed,
+        # Every setting that changes the data (scenes, sizes, episodes, test seeds), so jobs
+        # that share a model but not their data are told apart (data_settings above).
+        "data_settings": data_settings(cfg),
+        # The command-line overrides of this job (a multirun's swept values among them), so a
+        # report can tell the rows of an ablation sweep apart; [] outside a Hydra app.
+        "overrides": _job_overrides(),
+        # The experiment's published numbers (``paper:`` in experiments/*.yaml), or None.
+        "paper": _paper(cfg),
+    }
+
+
+def _paper(cfg: DictConfig) -> dict[str, Any] | None:
+    paper = cfg.get("paper")
+    return OmegaConf.to_container(paper, resolve=True) if OmegaConf.is_config(paper) else paper
+
+
+def _job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 

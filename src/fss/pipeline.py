@@ -17,7 +17,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fss.checkpoints import data_settings, describe_run, inspect_run_checkpoint, load_test_weights
+from fss.checkpoints import (
+    describe_run,
+    inspect_run_checkpoint,
+    job_identity,
+    load_test_weights,
+)
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
 from fss.stages import check_stages, run_stage_job, run_stages
@@ -349,40 +354,6 @@ def _weights_origin(cfg: DictConfig, trainable: bool, checkpoint: Any) -> str:
     if cfg.mode == "train":
         return "trained"
     return "untrained" if checkpoint is None else "checkpoint"
-
-
-def job_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The fields that say which job a metrics.json belongs to (read by sweep reports)."""
-    return {
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "backbone": cfg.backbone.name,
-        "fold": cfg.fold,
-        "shot": cfg.shot,
-        "train_shot": cfg.train_shot,
-        "seed": cfg.seed,
-        # Every setting that changes the data (scenes, sizes, episodes, test seeds), so jobs
-        # that share a model but not their data are told apart (fss.checkpoints.data_settings).
-        "data_settings": data_settings(cfg),
-        # The command-line overrides of this job (a multirun's swept values among them), so a
-        # report can tell the rows of an ablation sweep apart; [] outside a Hydra app.
-        "overrides": _job_overrides(),
-        # The experiment's published numbers (``paper:`` in experiments/*.yaml), or None.
-        "paper": _paper(cfg),
-    }
-
-
-def _paper(cfg: DictConfig) -> dict[str, Any] | None:
-    paper = cfg.get("paper")
-    return OmegaConf.to_container(paper, resolve=True) if OmegaConf.is_config(paper) else paper
-
-
-def _job_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
 
 
 def _verify(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:

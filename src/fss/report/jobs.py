@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fss.utils.errors import ConfigError
 
-# Fields of metrics.json that say which job it is (fss.pipeline.job_identity).
+# Fields of metrics.json that say which job it is (fss.checkpoints.job_identity).
 IDENTITY_KEYS = ("model", "data", "backbone", "fold", "shot", "seed")
 # Where those fields are in a job's composed config (.hydra/config.yaml).
 CONFIG_KEYS = {"model": "model.name", "data": "data.name", "backbone": "backbone.name",

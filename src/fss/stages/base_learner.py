@@ -280,7 +280,7 @@ class BaseLearnerStage(Stage):
             miou = artifact.meta.get("val_miou_base")
             miou = float("nan") if miou is None else float(miou)
             test_seconds = 0.0
-        from fss.pipeline import job_identity
+        from fss.checkpoints import job_identity
 
         meta = artifact.meta
         metrics = {
