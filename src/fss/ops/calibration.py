@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -194,7 +193,7 @@ def _mm_product(rows: Tensor, matrix: Tensor) -> Tensor:
 def measure(shape: tuple[int, int, int], repeats: int = REPEATS) -> dict[str, float]:
     """Median seconds of the conv and mm products at ``shape`` (P, C, S), timed
     alternately (the order swapped every repeat) after one warm-up each, and the median of
-    the per-pair ratios conv / mm."""
+    the per-pair ratios conv / mm (``ratio``; all of them: ``ratios``)."""
     positions, channels, columns = shape
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(positions, channels, generator=generator)
@@ -210,27 +209,27 @@ def measure(shape: tuple[int, int, int], repeats: int = REPEATS) -> dict[str, fl
                 start = time.perf_counter()
                 candidates[name](rows, matrix)
                 times[name].append(time.perf_counter() - start)
-    return {
-        CONV: statistics.median(times[CONV]),
-        MM: statistics.median(times[MM]),
-        "ratio": statistics.median(c / m for c, m in zip(times[CONV], times[MM], strict=True)),
-    }
+    ratios = [c / m for c, m in zip(times[CONV], times[MM], strict=True)]
+    return {CONV: statistics.median(times[CONV]), MM: statistics.median(times[MM]),
+            "ratio": statistics.median(ratios), "ratios": ratios}
 
 
 def calibrate(repeats: int = REPEATS,
               shapes: dict[str, tuple[tuple[int, int, int], ...]] | None = None) -> dict:
     """Time both paths per class; the entry cached for :func:`machine_key`: the key, the
-    choice per class (``conv`` when the geometric mean of its shapes' conv / mm ratios is
-    below 1) and the timings."""
+    choice per class (``conv`` when the median of the per-pair conv / mm time ratios over
+    all its shapes is below 1) and the timings."""
     shapes = SHAPES if shapes is None else shapes
     timings: dict[str, list[dict]] = {}
     choices: dict[str, str] = {}
     for shape_class, class_shapes in shapes.items():
         results = [{"shape": list(shape), **measure(shape, repeats)} for shape in class_shapes]
         timings[shape_class] = results
-        log_ratio = statistics.fmean(
-            math.log(result["ratio"]) for result in results)
-        choices[shape_class] = CONV if log_ratio < 0 else MM
+        # The median over every pair of the class's shapes: one disturbed pair (a busy
+        # machine) cannot flip the choice.
+        pooled = statistics.median(
+            ratio for result in results for ratio in result.get("ratios", [result["ratio"]]))
+        choices[shape_class] = CONV if pooled < 1 else MM
     return {"version": FORMAT_VERSION, "key": machine_key(), "choices": choices,
             "timings": timings, "repeats": repeats,
             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
