@@ -147,6 +147,21 @@ def test_override_from_the_environment_needs_no_calibration(tmp_path) -> None:
     assert not (tmp_path / CACHE_FILE).exists()
 
 
+def test_cache_dir_follows_the_config_default(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(calibration, "_cache_dir", None)
+    monkeypatch.setenv("FSS_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path / "root"))
+    assert calibration.cache_dir() == tmp_path / "a"
+    assert calibration.cache_dir(tmp_path / "b") == tmp_path / "b"
+    monkeypatch.delenv("FSS_CACHE")
+    assert calibration.cache_dir() == tmp_path / "root" / ".cache"
+    monkeypatch.delenv("PROJECT_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert calibration.cache_dir() == tmp_path / ".cache"
+    calibration.set_cache_dir(tmp_path / "c")
+    assert calibration.cache_dir() == tmp_path / "c"
+
+
 def test_small_products_take_the_fixed_default_without_timing(fresh) -> None:
     rows, matrix = torch.randn(100, 64), torch.randn(64, 50)
     for shape_class in SHAPES:

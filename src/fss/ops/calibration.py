@@ -15,7 +15,8 @@ choice is measured once per machine, per *shape class*:
 :func:`calibrate` times both candidates at the shapes of HSNet R50 at 400² (alternating,
 a few repeats, medians; about a second) and keeps the faster per class. The result is
 cached as JSON in ``<cache dir>/ops/product_paths.json`` (cache dir: :func:`set_cache_dir`,
-else ``$FSS_CACHE``, else ``./.cache``, as ``paths.cache_dir``), keyed by the CPU model,
+else ``$FSS_CACHE``, else ``$PROJECT_ROOT/.cache``, else ``./.cache``, as the config's
+``paths.cache_dir``), keyed by the CPU model,
 ``torch.backends.cpu.get_cpu_capability()``, the ISA caps in the environment
 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``), the torch
 version and the thread count: a change of any of them calibrates again.
@@ -134,12 +135,16 @@ def set_cache_dir(directory: str | Path | None) -> None:
 
 
 def cache_dir(directory: str | Path | None = None) -> Path:
-    """``directory``, else :func:`set_cache_dir`'s, else ``$FSS_CACHE``, else ``./.cache``."""
+    """``directory``, else :func:`set_cache_dir`'s, else ``$FSS_CACHE``, else
+    ``$PROJECT_ROOT/.cache`` (``PROJECT_ROOT``: set by ``run.py``), else ``./.cache``: the
+    default of the config's ``paths.cache_dir``."""
     if directory is not None:
         return Path(directory)
     if _cache_dir is not None:
         return _cache_dir
-    return Path(os.environ.get(CACHE_ENV_VARIABLE) or Path.cwd() / ".cache")
+    if os.environ.get(CACHE_ENV_VARIABLE):
+        return Path(os.environ[CACHE_ENV_VARIABLE])
+    return Path(os.environ.get("PROJECT_ROOT") or ".").absolute() / ".cache"
 
 
 @lru_cache(maxsize=1)
@@ -343,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fss.ops.calibration",
         description="Measure (or show the cached) product path per shape class on this CPU.")
-    parser.add_argument("--cache-dir", help="default: $FSS_CACHE or ./.cache")
+    parser.add_argument("--cache-dir",
+                        help="default: $FSS_CACHE, else $PROJECT_ROOT/.cache, else ./.cache")
     parser.add_argument("--force", action="store_true", help="measure again")
     args = parser.parse_args(argv)
     folder = cache_dir(args.cache_dir)
