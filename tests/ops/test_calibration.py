@@ -49,7 +49,7 @@ def fresh(monkeypatch, tmp_path):
     measured: list[tuple[int, int, int]] = []
     class_of = {shape: name for name, shapes in SHAPES.items() for shape in shapes}
 
-    def fake_measure(shape, repeats=calibration.REPEATS):
+    def fake_measure(shape, repeats=calibration.REPEATS, shape_class=None):
         measured.append(shape)
         ratio = FAKE_RATIO[class_of[shape]]
         return {CONV: 0.01 * ratio, MM: 0.01, "ratio": ratio}

@@ -185,34 +185,42 @@ def _log_once(message: str, level: int = logging.WARNING) -> None:
 
 
 # ---------------------------------------------------------------------------- measuring
-def _conv_product(rows: Tensor, matrix: Tensor) -> Tensor:
+def _conv_product(rows: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
     from fss.ops.matmul import matmul_as_conv  # matmul imports nothing of this module
 
-    return matmul_as_conv(rows, matrix)
+    return matmul_as_conv(rows, matrix, bias)
 
 
-def _mm_product(rows: Tensor, matrix: Tensor) -> Tensor:
-    return rows @ matrix
+def _mm_product(rows: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
+    return rows @ matrix if bias is None else torch.addmm(bias, rows, matrix)
 
 
-def measure(shape: tuple[int, int, int], repeats: int = REPEATS) -> dict[str, float]:
+def measure(shape: tuple[int, int, int], repeats: int = REPEATS,
+            shape_class: str = CORRELATION_FINE) -> dict[str, float]:
     """Median seconds of the conv and mm products at ``shape`` (P, C, S), timed
     alternately (the order swapped every repeat) after one warm-up each, and the median of
-    the per-pair ratios conv / mm (``ratio``; all of them: ``ratios``)."""
+    the per-pair ratios conv / mm (``ratio``; all of them: ``ratios``). The operands are
+    laid out as at the call site: the correlation's query rows a transposed (C, P) view,
+    the support matrix's rows contiguous and a bias added."""
     positions, channels, columns = shape
     generator = torch.Generator().manual_seed(0)
-    rows = torch.randn(positions, channels, generator=generator)
+    if shape_class == SUPPORT_MATRIX:
+        rows = torch.randn(positions, channels, generator=generator)
+        bias = torch.randn(columns, generator=generator)
+    else:
+        rows = torch.randn(channels, positions, generator=generator).t()
+        bias = None
     matrix = torch.randn(channels, columns, generator=generator)
     candidates = {CONV: _conv_product, MM: _mm_product}
     times: dict[str, list[float]] = {CONV: [], MM: []}
     with torch.inference_mode():
         for run in candidates.values():
-            run(rows, matrix)
+            run(rows, matrix, bias)
         for repeat in range(repeats):
             order = (CONV, MM) if repeat % 2 == 0 else (MM, CONV)
             for name in order:
                 start = time.perf_counter()
-                candidates[name](rows, matrix)
+                candidates[name](rows, matrix, bias)
                 times[name].append(time.perf_counter() - start)
     ratios = [c / m for c, m in zip(times[CONV], times[MM], strict=True)]
     return {CONV: statistics.median(times[CONV]), MM: statistics.median(times[MM]),
@@ -228,7 +236,8 @@ def calibrate(repeats: int = REPEATS,
     timings: dict[str, list[dict]] = {}
     choices: dict[str, str] = {}
     for shape_class, class_shapes in shapes.items():
-        results = [{"shape": list(shape), **measure(shape, repeats)} for shape in class_shapes]
+        results = [{"shape": list(shape), **measure(shape, repeats, shape_class)}
+                   for shape in class_shapes]
         timings[shape_class] = results
         # The median over every pair of the class's shapes: one disturbed pair (a busy
         # machine) cannot flip the choice.

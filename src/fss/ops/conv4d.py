@@ -39,7 +39,7 @@ from fss.ops.calibration import SUPPORT_MATRIX, use_conv
 from fss.ops.config import FAST, REFERENCE, choose_impl
 from fss.ops.correlation import BoxedCorrelation
 from fss.ops.folding import tensors_key
-from fss.ops.matmul import matmul_as_conv, matmul_reference
+from fss.ops.matmul import matmul_as_conv
 
 IMPLS = (FAST, REFERENCE)
 # Positions per chunk of group_norm_6d's statistics without autograd (16 channels: 512 KiB).
@@ -255,7 +255,7 @@ def _support_branch(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
         if use_conv(SUPPORT_MATRIX, rows, matrix):
             out = matmul_as_conv(rows, matrix, repeated_bias)
         else:
-            out = matmul_reference(rows, matrix, repeated_bias)
+            out = torch.addmm(repeated_bias, rows, matrix)
         hb_out, wb_out = math.ceil(hb / stride), math.ceil(wb / stride)
         return out.view(n, ha, wa, hb_out, wb_out, -1).permute(0, 5, 1, 2, 3, 4)
     maps = x.permute(0, 2, 3, 1, 4, 5).reshape(n * ha * wa, channels, hb, wb)  # a view
