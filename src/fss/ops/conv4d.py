@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fss.ops.calibration import SUPPORT_MATRIX, use_conv
 from fss.ops.config import FAST, REFERENCE, choose_impl
 from fss.ops.correlation import BoxedCorrelation
 from fss.ops.folding import tensors_key
@@ -238,7 +239,8 @@ def _support_branch(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
     Channels-last input: channels-last convolution, channels-last 6D output; for maps
     that every kernel window covers whole (:func:`windows_cover`: 2x2 maps under a 3x3
     kernel, the mixing blocks at 400²; 1x1 maps at small sizes), one matrix product instead
-    (:func:`support_matrix`).
+    (:func:`support_matrix`; a oneDNN 1x1 convolution or ``torch.mm``, whichever
+    :mod:`fss.ops.calibration` measured faster on this machine).
     Support-last input (the correlation, few channels): NCHW convolution on the free
     view; converting that large tensor to channels-last first costs more than it saves.
     """
@@ -249,7 +251,11 @@ def _support_branch(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
         cache = matrix_cache if matrix_cache is not None else SupportMatrixCache()
         matrix, repeated_bias = cache.get(weight, bias, hb, wb, stride, x.dtype)
         rows = x.permute(0, 2, 3, 4, 5, 1).reshape(n * ha * wa, hb * wb * channels)
-        out = matmul_as_conv(rows, matrix, repeated_bias)
+        # The product path measured faster on this machine (fss.ops.calibration).
+        if use_conv(SUPPORT_MATRIX, rows, matrix):
+            out = matmul_as_conv(rows, matrix, repeated_bias)
+        else:
+            out = torch.addmm(repeated_bias, rows, matrix)
         hb_out, wb_out = math.ceil(hb / stride), math.ceil(wb / stride)
         return out.view(n, ha, wa, hb_out, wb_out, -1).permute(0, 5, 1, 2, 3, 4)
     maps = x.permute(0, 2, 3, 1, 4, 5).reshape(n * ha * wa, channels, hb, wb)  # a view

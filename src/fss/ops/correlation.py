@@ -9,7 +9,7 @@ Implementations (:func:`hypercorrelation_pyramid`'s ``impl``):
 - ``reference`` (:func:`hypercorrelation_pyramid_reference`): one matmul per layer, clamp,
   stack; contiguous levels.
 - ``fast_cpu``: without autograd, every (layer, shot) product is one GEMM (a oneDNN 1x1
-  convolution from 400 query positions on) clamped into its slot of a support-last level;
+  convolution or ``torch.mm``, as measured per machine: :mod:`fss.ops.calibration`) clamped into its slot of a support-last level;
   only the bounding box of a support's non-zero (unmasked) positions is multiplied, and
   with ``boxed=True`` a partly masked level is returned as a :class:`BoxedCorrelation`.
 - ``fast_accelerator``: one batched matmul per layer, each query against its K supports
@@ -28,15 +28,13 @@ import torch
 from torch import Tensor
 
 from fss.ops.boxes import box_area, nonzero_box, union_box, worth_pruning
+from fss.ops.calibration import COARSE_BELOW, CORRELATION_COARSE, CORRELATION_FINE, use_conv
 from fss.ops.config import FAST, REFERENCE, choose_impl
 from fss.ops.matmul import matmul_as_conv
 
 # Added to the L2 norm before dividing, as the official code, so all-zero (masked-out)
 # support vectors give a zero correlation instead of NaN.
 NORM_EPS = 1e-5
-# Query positions from which a correlation product runs as a 1x1 convolution
-# (correlation_product).
-_CONV_PRODUCT_FROM = 400
 FAST_CPU = "fast_cpu"
 FAST_ACCELERATOR = "fast_accelerator"
 IMPLS = (FAST, FAST_CPU, FAST_ACCELERATOR, REFERENCE)
@@ -255,14 +253,17 @@ def _boxed_level(
 def correlation_product(query: Tensor, support: Tensor) -> Tensor:
     """query (P, C) @ support (C, S) -> (P, S) contiguous.
 
-    From ``_CONV_PRODUCT_FROM`` query positions on, as a oneDNN 1x1 convolution
-    (:func:`fss.ops.matmul.matmul_as_conv`: level 2 of a ResNet-50 5-shot episode at
-    400², 197 -> 106 ms); below (the deepest level, 13 x 13 at 400²) the convolution was
-    slower and ``torch.mm`` is used.
+    As a oneDNN 1x1 convolution (:func:`fss.ops.matmul.matmul_as_conv`) or ``torch.mm``,
+    whichever :mod:`fss.ops.calibration` measured faster on this machine for the shape
+    class: from ``COARSE_BELOW`` query positions on ``correlation_fine`` (levels 2 and 3;
+    on the AVX-512 CPU measured the convolution, level 2 of a ResNet-50 5-shot episode at
+    400² 197 -> 106 ms), below ``correlation_coarse`` (the deepest level, 13 x 13 at 400²;
+    ``torch.mm`` there). On the AVX2 CPU measured ``torch.mm`` won both.
     """
-    if query.shape[0] < _CONV_PRODUCT_FROM:
-        return query @ support
-    return matmul_as_conv(query, support)
+    shape_class = CORRELATION_FINE if query.shape[0] >= COARSE_BELOW else CORRELATION_COARSE
+    if use_conv(shape_class, query, support):
+        return matmul_as_conv(query, support)
+    return query @ support
 
 
 def _level_plain(

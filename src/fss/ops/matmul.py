@@ -35,8 +35,10 @@ def matmul_as_conv(rows: Tensor, matrix: Tensor, bias: Tensor | None = None) -> 
     and the matrix's columns S filters. On the AVX-512 AMD CPU measured (2 threads)
     oneDNN's convolution ran 2.1-2.7x the GFLOP/s of ``torch.mm`` (MKL): 395-431 vs 162-186
     for (2500 ... 12500) x 512 x (512 ... 2880) products. Fewer than a few hundred rows it
-    can be slower (169 x 2048 x 845: 127 vs 167), so callers choose. The result equals the
-    matmul up to float rounding; autocast applies as to any convolution.
+    can be slower (169 x 2048 x 845: 127 vs 167), and on the AVX2 CPU measured ``torch.mm``
+    was faster at most shapes, so the kernels that use it choose per machine
+    (:mod:`fss.ops.calibration`). The result equals the matmul up to float rounding;
+    autocast applies as to any convolution.
     """
     positions, channels = rows.shape
     if 0 in (positions, channels, matrix.shape[1]):  # a convolution needs filters and input
