@@ -25,6 +25,7 @@ from fss.checkpoints import (
 )
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
+from fss.ops.calibration import set_cache_dir as set_calibration_cache
 from fss.stages import check_stages, run_stage_job, run_stages
 from fss.utils.errors import ConfigError, RegressionError
 
@@ -221,6 +222,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.get("net") is None:  # the job is the model's last stage (model=pspnet)
         return run_stage_job(cfg)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    set_calibration_cache(cfg.paths.cache_dir)  # per-machine product paths (fss.ops)
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
     # What ckpt_path holds (ours, Lightning, official), checked against the config first.
