@@ -23,6 +23,7 @@ from fss.checkpoints import (
     job_identity,
     load_test_weights,
 )
+from fss.data.protocols import get_protocol
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
 from fss.ops.calibration import set_cache_dir as set_calibration_cache
@@ -293,7 +294,7 @@ def _test(cfg: DictConfig, trainer: L.Trainer, module: FewShotModule, datamodule
           test_ckpt: str | None) -> list[tuple[int | None, dict[str, float]]]:
     """``[(test seed, scores)]``: one pass per ``test_seeds`` entry (the same weights on
     several sets of test episodes), or one pass with the data's test seed (seed None)."""
-    seeds = [int(s) for s in cfg.get("test_seeds") or []]
+    seeds = _test_seeds(cfg, datamodule)
     per_seed = []
     for seed in seeds or [None]:
         if seed is not None:
@@ -305,6 +306,16 @@ def _test(cfg: DictConfig, trainer: L.Trainer, module: FewShotModule, datamodule
                      per_seed[-1][1].get("test/miou", float("nan")),
                      per_seed[-1][1].get("test/fbiou", float("nan")))
     return per_seed
+
+
+def _test_seeds(cfg: DictConfig, datamodule: Any) -> list[int]:
+    """``test_seeds`` when set; else the protocol's when it fixes several (BAM's 5 and
+    HDMNet's 10, fss.data.protocols); else none (one pass with the data's test seed)."""
+    if cfg.get("test_seeds"):
+        return [int(s) for s in cfg.test_seeds]
+    name = getattr(getattr(datamodule, "source", None), "protocol", None)
+    fixed = get_protocol(name).test_seeds if isinstance(name, str) else ()
+    return list(fixed) if len(fixed) > 1 else []
 
 
 def _scores(per_seed: list[tuple[int | None, dict[str, float]]],
@@ -418,6 +429,10 @@ def _seed_summary(per_seed: list[tuple[int, dict[str, float]]]) -> dict[str, Any
         mean, half = mean_ci95(series)
         summary[f"{key}_mean"] = round(mean, 2)
         summary[f"{key}_ci95"] = None if half is None else round(half, 2)
+    # What BAM's and HDMNet's test.py print besides the mean: the best seed, labelled as such
+    # (a best-of-N is not comparable with a one-seed number).
+    summary["best_of_seeds"] = {"seeds": len(per_seed),
+                                **{key: round(max(series), 2) for key, series in values.items()}}
     return summary
 
 

@@ -143,3 +143,33 @@ def test_bad_protocol_settings_are_one_line(tmp_path):
         lines = result["stderr"].strip().splitlines()
         assert result["code"] == 2 and len(lines) == 1, result["stderr"]
         assert lines[0].startswith("error: ") and phrase in lines[0], lines[0]
+
+
+def test_a_protocol_with_several_seeds_tests_on_them_unless_test_seeds_is_set():
+    """BAM's 5 and HDMNet's 10 official seeds are the default test seeds of their protocols;
+    an explicit test_seeds wins; a one-seed protocol (or a source without one) runs once."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from fss.data.protocols import official_seed_array
+    from fss.pipeline import _test_seeds
+
+    def seeds(protocol, test_seeds=None):
+        source = SimpleNamespace(protocol=protocol) if protocol else SimpleNamespace()
+        return _test_seeds(OmegaConf.create({"test_seeds": test_seeds}),
+                           SimpleNamespace(source=source))
+
+    assert seeds("hdmnet") == official_seed_array(10) and len(seeds("hdmnet")) == 10
+    assert seeds("bam") == official_seed_array(5)
+    assert seeds("hdmnet", [1, 2]) == [1, 2]
+    assert seeds("hsnet") == [] and seeds("pfenet") == [] and seeds(None) == []
+
+
+def test_several_seeds_report_the_best_labelled_beside_the_mean():
+    from fss.pipeline import _seed_summary
+
+    summary = _seed_summary([(1, {"test/miou": 50.0, "test/fbiou": 70.0}),
+                             (2, {"test/miou": 54.0, "test/fbiou": 69.0})])
+    assert summary["mIoU_mean"] == 52.0
+    assert summary["best_of_seeds"] == {"seeds": 2, "mIoU": 54.0, "FB-IoU": 70.0}
