@@ -75,12 +75,22 @@ def load_cached(path: str | Path) -> nn.Module:
 
 
 def resolve_model(model_or_checkpoint: nn.Module | str | Path) -> nn.Module:
-    if isinstance(model_or_checkpoint, nn.Module):
-        return model_or_checkpoint
+    """The few-shot model given, or loaded from the checkpoint path given."""
+    from fss.models import PSPNet
+
     if isinstance(model_or_checkpoint, str | Path):
-        return load_cached(model_or_checkpoint)
-    raise ConfigError(f"model_or_checkpoint must be a model (fss.load_model) or a checkpoint "
-                      f"path, got {type(model_or_checkpoint).__name__}")
+        model = load_cached(model_or_checkpoint)
+        source = f"checkpoint {model_or_checkpoint}"
+    elif isinstance(model_or_checkpoint, nn.Module):
+        model, source = model_or_checkpoint, "the model"
+    else:
+        raise ConfigError(f"model_or_checkpoint must be a model (fss.load_model) or a checkpoint "
+                          f"path, got {type(model_or_checkpoint).__name__}")
+    if isinstance(model, PSPNet):
+        raise ConfigError(f"{source} is a PSPNet base learner, not a few-shot model; pass an "
+                          "HSNet or HDMNet checkpoint (HDMNet trains on this base learner with "
+                          "`python run.py model=hdmnet base_learner.ckpt=<file>`)")
+    return model
 
 
 def model_name(model: nn.Module) -> str:
@@ -108,15 +118,16 @@ class InputSpec:
     antialias: bool
 
 
-def input_spec(model: nn.Module) -> InputSpec:
+def input_spec(model: nn.Module, size: int | None = None) -> InputSpec:
     """The input size and resize of ``model``: from its run description
-    (``model.checkpoint_info``), else the official protocol of its class."""
+    (``model.checkpoint_info``), else the official protocol of its class; ``size`` (if
+    given) replaces the size."""
     from fss.models import HDMNet, HSNet
 
     info = getattr(model, "checkpoint_info", None)
-    size = protocol = None
+    protocol = None
     if isinstance(info, dict):
-        size = (info.get("input") or {}).get("image_size")
+        size = size or (info.get("input") or {}).get("image_size")
         protocol = (info.get("data") or {}).get("protocol")
     if size is None:
         if isinstance(model, HSNet):
@@ -131,6 +142,21 @@ def input_spec(model: nn.Module) -> InputSpec:
     else:  # synthetic data (rendered at size) or an official file: the model's protocol
         antialias = isinstance(model, HSNet)
     return InputSpec(int(size), antialias)
+
+
+def check_input_size(model: nn.Module, height: int, width: int) -> None:
+    """ConfigError if ``model`` cannot take ``height`` x ``width`` inputs (its size rule)."""
+    from fss.models import HDMNet, HSNet
+    from fss.models.pspnet import check_input_size as check_pspnet_size
+
+    try:
+        if isinstance(model, HSNet):
+            model.check_image_size(height, width)
+        elif isinstance(model, HDMNet):
+            check_pspnet_size(height, width, strict=model.pspnet.strict_size)
+    except ValueError as error:
+        raise ConfigError(f"input size {height}x{width} does not suit {type(model).__name__}: "
+                          f"{error}") from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -273,6 +299,7 @@ class SupportSet:
 class Predictor:
     """A model, its device and one prepared support set; call :meth:`run` per batch of
     query images (any sizes). ``fss.predict`` and ``fss-predict`` are thin layers over it.
+    ``size`` replaces the model's input size (:func:`input_spec`).
     """
 
     def __init__(
@@ -284,10 +311,12 @@ class Predictor:
         mask_value: int | None = None,
         resize_mask: bool = False,
         device: str | torch.device = "cpu",
+        size: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model
-        self.spec = input_spec(model)
+        self.spec = input_spec(model, size)
+        check_input_size(model, self.spec.size, self.spec.size)
         self.supports = self._prepare_supports(supports, masks, mask_value, resize_mask)
         self.model.to(self.device)
 

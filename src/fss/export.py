@@ -1,0 +1,222 @@
+"""``fss-export``: an HSNet or HDMNet checkpoint as an ONNX or TorchScript file.
+
+The exported graph takes one batch of episodes at ONE fixed shape, chosen at export:
+
+- ``query_img`` (B, 3, H, W) float32, RGB ImageNet-normalised (as
+  :func:`fss.data.transforms.image_to_tensor`), resized to H x W (``--size``);
+- ``support_imgs`` (B, K, 3, H, W) float32, the same;
+- ``support_masks`` (B, K, H, W) float32 in {0, 1}, each with some foreground;
+
+and returns ``logits`` (B, 2, H, W) float32 (channel 1 = foreground; HSNet, K > 1: the mean
+of the per-shot logits, as its ``forward``) and ``mask`` (B, H, W) int64 in {0, 1} (the
+rule of evaluation: argmax, HSNet's K-shot vote). No input dimension is dynamic: B
+(``--batch``, default 1), K (``--shot``) and H x W (``--size``) are fixed, because the
+models' Python loops over the batch and the shots and their size-dependent layout
+choices are unrolled / specialised when traced. Export one file per shape you need.
+
+The graph is the models' straightforward path: the CPU fast paths of inference (support
+boxes read on the host, pruned products, BatchNorm-folded backbone copies) decide on
+the mask's values in Python, which a trace would freeze for the example inputs; they are
+switched off while exporting (:func:`straightforward_paths`). The result matches the
+PyTorch model within float rounding (``tests/test_export.py``: 1e-4 on random inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fss.utils.errors import ConfigError, InputError
+
+log = logging.getLogger("fss.export")
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAMES = ("query_img", "support_imgs", "support_masks")
+OUTPUT_NAMES = ("logits", "mask")
+ONNX_OPSET = 18
+EXIT_BAD_INPUT = 2
+
+
+class EpisodeGraph(nn.Module):
+    """The exported function: (query_img, support_imgs, support_masks) -> (logits, mask),
+    see the module docstring."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        # A frozen copy: the graph is traced without autograd, and its constants must not
+        # ask for gradients when the exported file runs (the model given stays as it is).
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def forward(self, query_img: Tensor, support_imgs: Tensor,
+                support_masks: Tensor) -> tuple[Tensor, Tensor]:
+        from fss.lightning.few_shot_module import shot_logits
+
+        logits, combine = shot_logits(self.model, query_img, support_imgs, support_masks)
+        return logits.mean(dim=1), combine(logits)
+
+
+@contextlib.contextmanager
+def straightforward_paths() -> Iterator[None]:
+    """Run HSNet and HDMNet on their plain batched code while the context is open: no
+    support box read on the host, no pruned product, no folded backbone copy.
+
+    Each fast path is replaced by the plain code the models run on an accelerator or with
+    autograd (the same values up to float rounding).
+    """
+    import fss.models.folding as folding
+    import fss.models.hdmnet.attention as attention
+    import fss.models.hdmnet.model as hdmnet
+    import fss.models.hdmnet.priors as priors
+    import fss.models.hsnet.conv4d as conv4d
+    import fss.models.hsnet.correlation as correlation
+
+    def level_plain(query_taps, support_taps, batch, shots, boxed=False):
+        return correlation._level_plain(query_taps, support_taps, batch, shots)
+
+    def dense_cross_attention(q, k, v, support_mask, mode="cosine", temperature=0.1):
+        weights, correlation_map = attention.cross_attention_weights(
+            q, k, support_mask, mode, temperature)
+        return weights @ v, correlation_map
+
+    def dense_prior(query, query_norm, masked, norms, shots):
+        cosine = (masked @ query) / (norms @ query_norm + priors.COSINE_EPS)  # (B, K·Ls, Lq)
+        return cosine.unflatten(1, (shots, -1)).max(dim=2).values.mean(dim=1)
+
+    patches = [
+        (correlation, "_level_in_place", level_plain),
+        # Support convs as convolutions, not as the cached dense matrix (keyed on storage
+        # addresses, which an exporter's fake tensors do not have).
+        (conv4d.CenterPivotConv4d, "_windows_cover", lambda self, hb, wb: False),
+        (attention, "pruned_cross_attention", dense_cross_attention),
+        (priors, "_pruned_prior", dense_prior),
+        (hdmnet, "_support_feat5", lambda pspnet, layer4, masks: pspnet.feat5(layer4)),
+        (folding.FoldedCache, "get", lambda self, source: source),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def example_inputs(shot: int, size: tuple[int, int], batch: int = 1,
+                   seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Random inputs of the exported shape: normalised-range images and masks whose
+    foreground is a random rectangle per support (never empty)."""
+    height, width = size
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 3, height, width, generator=generator)
+    supports = torch.randn(batch, shot, 3, height, width, generator=generator)
+    masks = torch.zeros(batch, shot, height, width)
+    for b in range(batch):
+        for k in range(shot):
+            top, left = (int(torch.randint(0, max(1, n // 2), (1,), generator=generator))
+                         for n in (height, width))
+            bottom = top + 1 + int(torch.randint(0, height - top, (1,), generator=generator))
+            right = left + 1 + int(torch.randint(0, width - left, (1,), generator=generator))
+            masks[b, k, top:bottom, left:right] = 1
+    return query, supports, masks
+
+
+def export(model: nn.Module, path: str | Path, fmt: str, shot: int, size: tuple[int, int],
+           batch: int = 1) -> Path:
+    """Writes ``model`` as ``fmt`` (``onnx`` | ``torchscript``) for (batch, shot, size)
+    inputs to ``path``; returns the path."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r} is not supported; accepted: {', '.join(FORMATS)}")
+    path = Path(path)
+    graph = EpisodeGraph(model).eval()
+    inputs = example_inputs(shot, size, batch)
+    with straightforward_paths(), torch.no_grad():
+        _check_runs(graph, inputs)
+        if fmt == "onnx":
+            _export_onnx(graph, inputs, path)
+        else:
+            traced = torch.jit.trace(graph, inputs, check_trace=False)
+            torch.jit.save(traced, str(path))
+    return path
+
+
+def _check_runs(graph: EpisodeGraph, inputs: tuple[Tensor, Tensor, Tensor]) -> None:
+    """The model's size rule, then one eager pass (its episode checks)."""
+    from fss.prediction import check_input_size
+
+    check_input_size(graph.model, *inputs[0].shape[-2:])
+    try:
+        graph(*inputs)
+    except InputError as error:
+        raise ConfigError(f"the export shape does not suit the model: {error}") from None
+
+
+def _export_onnx(graph: EpisodeGraph, inputs: tuple[Tensor, Tensor, Tensor], path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx and onnxscript packages: pip install "
+                          "onnx onnxscript (or the fss[dev] extra)") from None
+    # The exporter of torch.export graphs: the TorchScript-based one cannot export PSPNet's
+    # adaptive pooling at sizes whose feature map is not a multiple of the bins (HDMNet).
+    program = torch.onnx.export(graph, inputs, input_names=list(INPUT_NAMES),
+                                output_names=list(OUTPUT_NAMES), opset_version=ONNX_OPSET,
+                                dynamo=True, external_data=False, verbose=False)
+    program.save(str(path))
+
+
+# ------------------------------------------------------------------------------ CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fss-export",
+        description="Export an HSNet or HDMNet checkpoint to ONNX or TorchScript for one "
+                    "fixed input shape (batch, shots, size); see docs/own-images.md.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a run's checkpoint or an official HSNet / HDMNet file")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--shot", required=True, type=int, metavar="K", help="support images per episode")
+    p.add_argument("--size", required=True, type=int, nargs=2, metavar=("H", "W"),
+                   help="input height and width (e.g. the checkpoint's: 400 400 for HSNet)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="episodes per call (default 1)")
+    p.add_argument("--out", required=True, metavar="FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if args.shot < 1:
+            raise ConfigError(f"--shot {args.shot} must be >= 1")
+        if args.batch < 1:
+            raise ConfigError(f"--batch {args.batch} must be >= 1")
+        if min(args.size) < 1:
+            raise ConfigError(f"--size {args.size[0]} {args.size[1]} must be positive")
+        out = Path(args.out).expanduser()
+        if not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+        from fss.prediction import model_name, resolve_model
+
+        model = resolve_model(args.checkpoint)
+        if model_name(model) not in ("hsnet", "hdmnet"):
+            raise ConfigError(f"--checkpoint {args.checkpoint} holds the {model_name(model)} "
+                              "model; fss-export takes HSNet and HDMNet checkpoints")
+        export(model, out, args.format, args.shot, tuple(args.size), args.batch)
+    except (ConfigError, InputError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"fss-export: wrote {out} ({args.format}; inputs {', '.join(INPUT_NAMES)} for "
+          f"B={args.batch}, K={args.shot}, {args.size[0]}x{args.size[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
