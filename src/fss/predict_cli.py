@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def prepare(args: argparse.Namespace) -> Callable[[], int]:
     """Every check, cheapest first, then the model and the supports; returns the job that
     predicts and writes. ConfigError / InputError for bad input."""
-    from fss.prediction import open_image_file, resolve_device
+    from fss.prediction import open_image_file, read_supports, resolve_device
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
@@ -118,6 +118,9 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
     for query in queries:
         open_image_file(query, "query image").close()
     names = output_names(queries)
+    supports = read_supports([image for image, _ in args.support],
+                             [mask for _, mask in args.support], mask_value=args.mask_value,
+                             resize_mask=args.resize_mask)
     out = Path(args.out).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -128,9 +131,7 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
     model = load(args)
     from fss.prediction import Predictor, backbone_name, model_name
 
-    predictor = Predictor(model, [image for image, _ in args.support],
-                          [mask for _, mask in args.support], mask_value=args.mask_value,
-                          resize_mask=args.resize_mask, device=device, size=args.size)
+    predictor = Predictor(model, supports, device=device, size=args.size)
     print(f"fss-predict: {model_name(model)} on {backbone_name(model)}, "
           f"{predictor.spec.size}x{predictor.spec.size} input, {predictor.shots}-shot, "
           f"{len(queries)} {'query' if len(queries) == 1 else 'queries'} -> {out}")

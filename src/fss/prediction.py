@@ -287,29 +287,76 @@ def load_mask(value: ImageInput, name: str, mask_value: int | None = None) -> np
 
 
 # ---------------------------------------------------------------------- prediction
-@dataclass
-class SupportSet:
-    """K supports at the model's input size: images (1, K, 3, S, S) normalised, masks
-    (1, K, S, S) float {0, 1}."""
+@dataclass(frozen=True)
+class Support:
+    """One support as read: its name for messages, (H, W, 3) uint8 image and (H, W) uint8
+    {0, 1} mask at the image's size, with some foreground."""
 
-    images: torch.Tensor
-    masks: torch.Tensor
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+
+
+def read_supports(
+    supports: Sequence[ImageInput],
+    masks: Sequence[ImageInput],
+    *,
+    mask_value: int | None = None,
+    resize_mask: bool = False,
+) -> list[Support]:
+    """The supports and their masks read and checked (the checks that need no model): one
+    mask per image, at its size (or stretched with ``resize_mask``), not empty."""
+    from fss.data.io import resize_label
+
+    if isinstance(supports, str | Path | np.ndarray | torch.Tensor | Image.Image):
+        supports = [supports]
+    if isinstance(masks, str | Path | np.ndarray | torch.Tensor | Image.Image):
+        masks = [masks]
+    supports, masks = list(supports), list(masks)
+    if not supports:
+        raise ConfigError("no support image: pass at least one support image and its mask")
+    if len(supports) != len(masks):
+        raise ConfigError(f"{len(supports)} support images but {len(masks)} masks; pass one "
+                          "mask per support image")
+    if mask_value is not None and (isinstance(mask_value, bool) or not isinstance(
+            mask_value, int | np.integer)):
+        raise ConfigError(f"mask_value={mask_value!r} must be an integer label value")
+    read = []
+    for index, (support, mask) in enumerate(zip(supports, masks, strict=True)):
+        image_name = describe(support, f"support image {index + 1}")
+        mask_name = describe(mask, f"support mask {index + 1}")
+        image = load_image(support, image_name, "support image")
+        label = load_mask(mask, mask_name, mask_value)
+        if label.shape != image.shape[:2]:
+            if not resize_mask:
+                raise ConfigError(
+                    f"the support mask {mask_name} is {label.shape[1]}x{label.shape[0]} but "
+                    f"its image {image_name} is {image.shape[1]}x{image.shape[0]}; pass the "
+                    "mask made for that image, or resize_mask=True (fss-predict "
+                    "--resize-mask) to stretch it to the image (nearest)")
+            label = resize_label(label, image.shape[:2])
+        if not label.any():
+            rule = "non-zero" if mask_value is None else f"equal to {mask_value}"
+            raise ConfigError(
+                f"the support mask for {image_name} is empty: no pixel of {mask_name} is "
+                f"{rule}; pass the mask of the object to segment"
+                + ("" if mask_value is not None else
+                   " (or a mask value for a label map: fss-predict --mask-value V)"))
+        read.append(Support(image_name, image, label))
+    return read
 
 
 class Predictor:
-    """A model, its device and one prepared support set; call :meth:`run` per batch of
-    query images (any sizes). ``fss.predict`` and ``fss-predict`` are thin layers over it.
-    ``size`` replaces the model's input size (:func:`input_spec`).
+    """A model on its device with one prepared support set (:func:`read_supports`); call
+    :meth:`run` per batch of query images (any sizes). ``fss.predict`` and ``fss-predict``
+    are thin layers over it. ``size`` replaces the model's input size (:func:`input_spec`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        supports: Sequence[ImageInput],
-        masks: Sequence[ImageInput],
+        supports: Sequence[Support],
         *,
-        mask_value: int | None = None,
-        resize_mask: bool = False,
         device: str | torch.device = "cpu",
         size: int | None = None,
     ) -> None:
@@ -317,57 +364,27 @@ class Predictor:
         self.model = model
         self.spec = input_spec(model, size)
         check_input_size(model, self.spec.size, self.spec.size)
-        self.supports = self._prepare_supports(supports, masks, mask_value, resize_mask)
+        self.support_images, self.support_masks = self._prepare(supports)
         self.model.to(self.device)
 
-    def _prepare_supports(self, supports, masks, mask_value, resize_mask) -> SupportSet:
+    def _prepare(self, supports: Sequence[Support]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, K, 3, S, S) normalised images and (1, K, S, S) float {0, 1} masks."""
         from fss.data.io import resize_label
 
-        if isinstance(supports, str | Path | np.ndarray | torch.Tensor | Image.Image):
-            supports = [supports]
-        if isinstance(masks, str | Path | np.ndarray | torch.Tensor | Image.Image):
-            masks = [masks]
-        supports, masks = list(supports), list(masks)
-        if not supports:
-            raise ConfigError("no support image: pass at least one support image and its mask")
-        if len(supports) != len(masks):
-            raise ConfigError(f"{len(supports)} support images but {len(masks)} masks; pass one "
-                              "mask per support image")
-        if mask_value is not None and (isinstance(mask_value, bool) or not isinstance(
-                mask_value, int | np.integer)):
-            raise ConfigError(f"mask_value={mask_value!r} must be an integer label value")
         size = (self.spec.size, self.spec.size)
-        images, labels = [], []
-        for index, (support, mask) in enumerate(zip(supports, masks, strict=True)):
-            image_name = describe(support, f"support image {index + 1}")
-            mask_name = describe(mask, f"support mask {index + 1}")
-            image = load_image(support, image_name, "support image")
-            label = load_mask(mask, mask_name, mask_value)
-            if label.shape != image.shape[:2]:
-                if not resize_mask:
-                    raise ConfigError(
-                        f"the support mask {mask_name} is {label.shape[1]}x{label.shape[0]} but "
-                        f"its image {image_name} is {image.shape[1]}x{image.shape[0]}; pass the "
-                        "mask made for that image, or resize_mask=True (fss-predict "
-                        "--resize-mask) to stretch it to the image (nearest)")
-                label = resize_label(label, image.shape[:2])
-            rule = "non-zero" if mask_value is None else f"equal to {mask_value}"
-            if not label.any():
-                raise ConfigError(
-                    f"the support mask for {image_name} is empty: no pixel of {mask_name} is "
-                    f"{rule}; pass the mask of the object to segment"
-                    + ("" if mask_value is not None else
-                       " (or a mask value for a label map: fss-predict --mask-value V)"))
-            small = resize_label(label, size)
+        images, masks = [], []
+        for support in supports:
+            small = resize_label(support.mask, size)
             if not small.any():
+                height, width = support.mask.shape
                 raise ConfigError(
-                    f"the support mask for {image_name} is empty once resized to the model's "
-                    f"{size[1]}x{size[0]} input (its {int(label.sum())} foreground pixels of "
-                    f"{image.shape[1]}x{image.shape[0]} vanish); crop the support around its "
-                    "object or use one where the object is larger")
-            images.append(self._input_tensor(image))
-            labels.append(torch.from_numpy(np.ascontiguousarray(small)).float())
-        return SupportSet(torch.stack(images)[None], torch.stack(labels)[None])
+                    f"the support mask for {support.name} is empty once resized to the model's "
+                    f"{size[1]}x{size[0]} input (its {int(support.mask.sum())} foreground pixels "
+                    f"of {width}x{height} vanish); crop the support around its object or use "
+                    "one where the object is larger")
+            images.append(self._input_tensor(support.image))
+            masks.append(torch.from_numpy(np.ascontiguousarray(small)).float())
+        return torch.stack(images)[None], torch.stack(masks)[None]
 
     def _input_tensor(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, S, S) normalised, resized as the checkpoint's protocol."""
@@ -381,7 +398,7 @@ class Predictor:
 
     @property
     def shots(self) -> int:
-        return self.supports.images.shape[1]
+        return self.support_images.shape[1]
 
     @torch.no_grad()
     def run(
@@ -395,8 +412,8 @@ class Predictor:
             return []
         query = torch.stack([self._input_tensor(image) for image in images]).to(self.device)
         batch = query.shape[0]
-        support_imgs = self.supports.images.to(self.device).expand(batch, -1, -1, -1, -1)
-        support_masks = self.supports.masks.to(self.device).expand(batch, -1, -1, -1)
+        support_imgs = self.support_images.to(self.device).expand(batch, -1, -1, -1, -1)
+        support_masks = self.support_masks.to(self.device).expand(batch, -1, -1, -1)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -453,8 +470,8 @@ def predict(
     device this machine lacks.
     """
     model = resolve_model(model_or_checkpoint)
-    predictor = Predictor(model, supports, masks, mask_value=mask_value,
-                          resize_mask=resize_mask, device=device)
+    read = read_supports(supports, masks, mask_value=mask_value, resize_mask=resize_mask)
+    predictor = Predictor(model, read, device=device)
     single = not isinstance(query, list | tuple)
     queries = [query] if single else list(query)
     results: list[np.ndarray] = []
