@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fss import export as fss_export
-from fss.export import INPUT_NAMES, example_inputs
+from fss.export import INPUT_NAMES, example_inputs, nearest_by_indices
 from fss.prediction import load_cached
 from tests.predict_helpers import make_checkpoint
 
@@ -78,25 +78,34 @@ def test_torchscript_matches_pytorch(checkpoints, name, shot, tmp_path):
     check_export(checkpoints, name, "torchscript", shot, tmp_path)
 
 
-def test_onnx_matches_pytorch_hdmnet(checkpoints, tmp_path):
-    path = check_export(checkpoints, "hdmnet", "onnx", 1, tmp_path)
+# torch.onnx's exporter: 15-30 s of CPU per file here.
+@pytest.mark.parametrize(("name", "shot", "batch"), [
+    ("hsnet", 1, 1), ("hsnet", 5, 2), ("hdmnet", 1, 1),
+    pytest.param("hdmnet", 5, 1, marks=pytest.mark.slow)])
+def test_onnx_matches_pytorch(checkpoints, name, shot, batch, tmp_path):
+    path = check_export(checkpoints, name, "onnx", shot, tmp_path, batch)
     import onnx
 
     graph = onnx.load(str(path)).graph
     shapes = {value.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
                            for d in value.type.tensor_type.shape.dim] for value in graph.input}
     # Nothing dynamic: B, K, H and W are those of the export (docs/own-images.md).
-    assert shapes == {"query_img": [1, 3, 65, 81], "support_imgs": [1, 1, 3, 65, 81],
-                      "support_masks": [1, 1, 65, 81]}
+    height, width = SHAPES[name]
+    assert shapes == {"query_img": [batch, 3, height, width],
+                      "support_imgs": [batch, shot, 3, height, width],
+                      "support_masks": [batch, shot, height, width]}
 
 
-# torch.onnx's exporter takes about a minute of CPU for HSNet (its learner is many small
-# ops), 20-30 s for HDMNet.
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "shot", "batch"), [("hsnet", 1, 1), ("hsnet", 5, 2),
-                                                     ("hdmnet", 5, 1)])
-def test_onnx_matches_pytorch(checkpoints, name, shot, batch, tmp_path):
-    check_export(checkpoints, name, "onnx", shot, tmp_path, batch)
+def test_explicit_nearest_resize_is_pytorchs():
+    """The export's nearest resize (constant indices) picks PyTorch's source pixels at every
+    size pair, including those where ONNX's Resize picks another one (65 -> 5)."""
+    generator = torch.Generator().manual_seed(0)
+    for source in range(1, 90, 4):
+        for target in (*range(1, 70, 3), 2 * source):
+            x = torch.randn(1, 2, source, source + 3, generator=generator)
+            size = (target, target + 1)
+            assert torch.equal(nearest_by_indices(x, size),
+                               torch.nn.functional.interpolate(x, size=size, mode="nearest"))
 
 
 def test_cli_exports_and_refuses_bad_shapes(checkpoints, tmp_path, capsys):

@@ -185,6 +185,21 @@ def test_label_maps_and_resized_masks(models, files, tmp_path):
     assert stretched.shape == QUERY_SIZES[0]
 
 
+def test_a_mask_with_many_values_warns(models, files, caplog):
+    """Every non-zero value is the object, and a mask that looks like a label map or a
+    JPEG-compressed mask says so."""
+    (image_path, mask_path), = files["supports"][:1]
+    noisy = np.array(Image.open(mask_path))
+    noisy[noisy > 0] = 250
+    noisy[:3] = 2  # faint values, as JPEG compression leaves them near edges
+    query = files["queries"] / "q0.png"
+    with caplog.at_level("WARNING", logger="fss.prediction"):
+        got = fss.predict(models["hsnet"], query, [image_path], [noisy])
+    assert "holds 3 distinct values (0, 2, 250 ...); every non-zero pixel counts" in caplog.text
+    np.testing.assert_array_equal(got, fss.predict(models["hsnet"], query, [image_path],
+                                                   [noisy > 0]))
+
+
 def test_api_errors_name_the_input(models, files, tmp_path):
     model = models["hsnet"]
     (image_path, mask_path), = files["supports"][:1]
@@ -366,3 +381,20 @@ def test_console_entry_point_exit_status(tmp_path):
     assert done.stderr.strip() == (f"error: --checkpoint {tmp_path / 'x.ckpt'} does not exist; "
                                    "pass a run's checkpoint (<run dir>/checkpoints/last.ckpt) "
                                    "or an official file")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["hsnet", "hdmnet"])
+def test_cuda_gives_the_cpu_masks(checkpoints, files, name):
+    """On a GPU the models take their accelerator paths (no host-side boxes); the masks
+    agree with the CPU's except where the two logits are within rounding."""
+    model = load_cached(checkpoints[name])
+    supports = [image for image, _ in files["supports"][:2]]
+    masks = [mask for _, mask in files["supports"][:2]]
+    query = files["queries"] / "q1.png"
+    cpu = fss.predict(model, query, supports, masks, probabilities=True)
+    gpu = fss.predict(model, query, supports, masks, device="cuda", probabilities=True)
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2)  # cuDNN may convolve in TF32
+    assert (fss.predict(model, query, supports, masks, device="cuda")
+            != fss.predict(model, query, supports, masks)).mean() < 0.01
+    model.to("cpu")

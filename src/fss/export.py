@@ -28,15 +28,15 @@ import contextlib
 import copy
 import logging
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fss.utils.errors import ConfigError, InputError
-
-log = logging.getLogger("fss.export")
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAMES = ("query_img", "support_imgs", "support_masks")
@@ -90,11 +90,24 @@ def straightforward_paths() -> Iterator[None]:
         cosine = (masked @ query) / (norms @ query_norm + priors.COSINE_EPS)  # (B, K·Ls, Lq)
         return cosine.unflatten(1, (shots, -1)).max(dim=2).values.mean(dim=1)
 
+    plain_interpolate = F.interpolate
+
+    def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                    recompute_scale_factor=None, antialias=False):
+        if mode == "nearest" and size is not None and input.dim() == 4:
+            return nearest_by_indices(input, size)
+        return plain_interpolate(input, size, scale_factor, mode, align_corners,
+                                 recompute_scale_factor, antialias)
+
     patches = [
+        (F, "interpolate", interpolate),
         (correlation, "_level_in_place", level_plain),
         # Support convs as convolutions, not as the cached dense matrix (keyed on storage
         # addresses, which an exporter's fake tensors do not have).
         (conv4d.CenterPivotConv4d, "_windows_cover", lambda self, hb, wb: False),
+        # nn.GroupNorm itself: the layout-keeping version loops over the samples in Python,
+        # which a trace unrolls into B·K copies of every norm.
+        (conv4d.GroupNorm6d, "forward", lambda self, x: nn.GroupNorm.forward(self, x)),
         (attention, "pruned_cross_attention", dense_cross_attention),
         (priors, "_pruned_prior", dense_prior),
         (hdmnet, "_support_feat5", lambda pspnet, layer4, masks: pspnet.feat5(layer4)),
@@ -108,6 +121,31 @@ def straightforward_paths() -> Iterator[None]:
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+
+
+def nearest_indices(source: int, target: int) -> Tensor:
+    """The source index of each of ``target`` outputs of PyTorch's nearest resize:
+    ``min(floor(i * (source / target)), source - 1)``, the scale a float32 division, as
+    its CPU kernel computes it (so the rounding is the same)."""
+    scale = torch.tensor(source, dtype=torch.float32) / torch.tensor(target, dtype=torch.float32)
+    positions = torch.arange(target, dtype=torch.float32) * scale
+    return positions.floor().long().clamp(max=source - 1)
+
+
+def nearest_by_indices(input: Tensor, size) -> Tensor:
+    """``F.interpolate(input, size, mode="nearest")`` of an (N, C, H, W) tensor as two
+    gathers with constant indices.
+
+    ONNX's Resize computes the source position from its own float scale (target / source)
+    and can land one pixel before PyTorch's (65 -> 5 rows: source rows 0, 12, 25, 39, 51
+    instead of 0, 13, 26, 39, 52; https://github.com/onnx/onnx/issues/3816,
+    https://github.com/microsoft/onnxruntime/issues/28085). The support masks of HDMNet go
+    through such resizes, so the export indexes explicitly.
+    """
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    rows = nearest_indices(input.shape[-2], height).to(input.device)
+    columns = nearest_indices(input.shape[-1], width).to(input.device)
+    return input.index_select(-2, rows).index_select(-1, columns)
 
 
 def example_inputs(shot: int, size: tuple[int, int], batch: int = 1,
@@ -138,7 +176,9 @@ def export(model: nn.Module, path: str | Path, fmt: str, shot: int, size: tuple[
     path = Path(path)
     graph = EpisodeGraph(model).eval()
     inputs = example_inputs(shot, size, batch)
-    with straightforward_paths(), torch.no_grad():
+    with straightforward_paths(), torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns of every Python branch on a shape; the shape is fixed by design.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _check_runs(graph, inputs)
         if fmt == "onnx":
             _export_onnx(graph, inputs, path)

@@ -20,7 +20,7 @@ checkpoint and come back as a mask at the query's original size:
    the vote, which can differ from thresholding that mean at 0.5).
 
 Bad input raises :class:`~fss.utils.errors.ConfigError` with one line that names the file
-or argument (``docs/errors.md``, "Predicting on your own images").
+or argument (``docs/errors.md``, "Your own images").
 """
 
 from __future__ import annotations
@@ -282,8 +282,15 @@ def load_mask(value: ImageInput, name: str, mask_value: int | None = None) -> np
         array = array[:, :, 0]
     if array.ndim != 2:
         raise ConfigError(f"mask {name} must be (H, W), got shape {array.shape}")
-    foreground = array != 0 if mask_value is None else array == mask_value
-    return foreground.astype(np.uint8)
+    if mask_value is not None:
+        return (array == mask_value).astype(np.uint8)
+    values = np.unique(array)
+    if values.size > 2:
+        log.warning("mask %s holds %d distinct values (%s ...); every non-zero pixel counts as "
+                    "the object: pass a mask value for a label map (fss-predict --mask-value "
+                    "V), or save masks as PNG (JPEG leaves faint non-zero pixels at edges)",
+                    name, values.size, ", ".join(str(v) for v in values[:4].tolist()))
+    return (array != 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------- prediction
@@ -379,9 +386,9 @@ class Predictor:
                 height, width = support.mask.shape
                 raise ConfigError(
                     f"the support mask for {support.name} is empty once resized to the model's "
-                    f"{size[1]}x{size[0]} input (its {int(support.mask.sum())} foreground pixels "
-                    f"of {width}x{height} vanish); crop the support around its object or use "
-                    "one where the object is larger")
+                    f"{size[1]}x{size[0]} input (its foreground, {int(support.mask.sum())} of "
+                    f"{width}x{height} pixels, vanishes); crop the support around its object or "
+                    "use one where the object is larger")
             images.append(self._input_tensor(support.image))
             masks.append(torch.from_numpy(np.ascontiguousarray(small)).float())
         return torch.stack(images)[None], torch.stack(masks)[None]
