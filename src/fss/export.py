@@ -17,8 +17,8 @@ choices are unrolled / specialised when traced. Export one file per shape you ne
 The graph is the models' straightforward path: the CPU fast paths of inference (support
 boxes read on the host, pruned products, BatchNorm-folded backbone copies) decide on
 the mask's values in Python, which a trace would freeze for the example inputs; they are
-switched off while exporting (:func:`straightforward_paths`). The result matches the
-PyTorch model within float rounding (``tests/test_export.py``: 1e-4 on random inputs).
+switched off while exporting (``fss.ops.fast_paths(False)``, :func:`straightforward_paths`). The result matches the
+PyTorch model within float rounding (``tests/export/test_export.py``: 1e-4 on random inputs).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class EpisodeGraph(nn.Module):
         # A frozen copy: the graph is traced without autograd, and its constants must not
         # ask for gradients when the exported file runs (the model given stays as it is).
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if hasattr(self.model, "fast_paths"):  # a model's own setting wins over the switch
+            self.model.fast_paths = False
 
     def forward(self, query_img: Tensor, support_imgs: Tensor,
                 support_masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,30 +67,12 @@ class EpisodeGraph(nn.Module):
 
 @contextlib.contextmanager
 def straightforward_paths() -> Iterator[None]:
-    """Run HSNet and HDMNet on their plain batched code while the context is open: no
-    support box read on the host, no pruned product, no folded backbone copy.
-
-    Each fast path is replaced by the plain code the models run on an accelerator or with
-    autograd (the same values up to float rounding).
+    """Run the models on their straightforward code while the context is open: every
+    kernel of :mod:`fss.ops` on its reference (``fss.ops.fast_paths(False)``: no support box
+    read on the host, no pruned product, no folded backbone copy, no per-sample loops), and
+    nearest resizes as gathers with PyTorch's indices (:func:`nearest_by_indices`).
     """
-    import fss.models.folding as folding
-    import fss.models.hdmnet.attention as attention
-    import fss.models.hdmnet.model as hdmnet
-    import fss.models.hdmnet.priors as priors
-    import fss.models.hsnet.conv4d as conv4d
-    import fss.models.hsnet.correlation as correlation
-
-    def level_plain(query_taps, support_taps, batch, shots, boxed=False):
-        return correlation._level_plain(query_taps, support_taps, batch, shots)
-
-    def dense_cross_attention(q, k, v, support_mask, mode="cosine", temperature=0.1):
-        weights, correlation_map = attention.cross_attention_weights(
-            q, k, support_mask, mode, temperature)
-        return weights @ v, correlation_map
-
-    def dense_prior(query, query_norm, masked, norms, shots):
-        cosine = (masked @ query) / (norms @ query_norm + priors.COSINE_EPS)  # (B, K·Ls, Lq)
-        return cosine.unflatten(1, (shots, -1)).max(dim=2).values.mean(dim=1)
+    from fss.ops import fast_paths
 
     plain_interpolate = F.interpolate
 
@@ -99,28 +83,12 @@ def straightforward_paths() -> Iterator[None]:
         return plain_interpolate(input, size, scale_factor, mode, align_corners,
                                  recompute_scale_factor, antialias)
 
-    patches = [
-        (F, "interpolate", interpolate),
-        (correlation, "_level_in_place", level_plain),
-        # Support convs as convolutions, not as the cached dense matrix (keyed on storage
-        # addresses, which an exporter's fake tensors do not have).
-        (conv4d.CenterPivotConv4d, "_windows_cover", lambda self, hb, wb: False),
-        # nn.GroupNorm itself: the layout-keeping version loops over the samples in Python,
-        # which a trace unrolls into B·K copies of every norm.
-        (conv4d.GroupNorm6d, "forward", lambda self, x: nn.GroupNorm.forward(self, x)),
-        (attention, "pruned_cross_attention", dense_cross_attention),
-        (priors, "_pruned_prior", dense_prior),
-        (hdmnet, "_support_feat5", lambda pspnet, layer4, masks: pspnet.feat5(layer4)),
-        (folding.FoldedCache, "get", lambda self, source: source),
-    ]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    F.interpolate = interpolate
     try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
-        yield
+        with fast_paths(False):
+            yield
     finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        F.interpolate = plain_interpolate
 
 
 def nearest_indices(source: int, target: int) -> Tensor:

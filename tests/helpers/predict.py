@@ -18,10 +18,14 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from fss.checkpoints import CHECKPOINT_KEY, STATE_PREFIX, describe_run
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 # Small but real: the synthetic benchmark's trunks (HSNet resnet18, HDMNet resnet_small).
 SIZES = {"hsnet": 64, "hdmnet": 65}
+# Supports of different sizes; queries of odd sizes and aspect ratios (the masks must come
+# back at exactly these sizes).
+SUPPORT_SIZES = [(90, 130), (70, 70), (100, 60), (81, 97), (64, 120)]
+QUERY_SIZES = [(77, 51), (120, 161), (64, 64)]
 
 
 def episode_tensors(size: int, shots: int, seed: int = 0):
@@ -85,3 +89,26 @@ def box_mask(height: int, width: int, value: int = 255) -> np.ndarray:
 def save_png(array: np.ndarray, path: Path) -> Path:
     Image.fromarray(array).save(path)
     return path
+
+
+def write_files(directory: Path) -> dict:
+    """Support images (:data:`SUPPORT_SIZES`) with 0/255 masks ``s<i>.png`` /
+    ``s<i>_label.png``, and ``queries/q<i>.png`` (:data:`QUERY_SIZES`), under ``directory``."""
+    supports = []
+    for index, (height, width) in enumerate(SUPPORT_SIZES):
+        image = save_png(random_image(height, width, seed=index), directory / f"s{index}.png")
+        mask = save_png(box_mask(height, width), directory / f"s{index}_label.png")
+        supports.append((image, mask))
+    queries = directory / "queries"
+    queries.mkdir()
+    for index, (height, width) in enumerate(QUERY_SIZES):
+        save_png(random_image(height, width, seed=10 + index), queries / f"q{index}.png")
+    return {"dir": directory, "supports": supports, "queries": queries}
+
+
+def support_args(files: dict, shots: int) -> list[str]:
+    """``--support IMG MASK`` for the first ``shots`` supports of :func:`write_files`."""
+    args = []
+    for image, mask in files["supports"][:shots]:
+        args += ["--support", str(image), str(mask)]
+    return args

@@ -16,7 +16,7 @@ import torch
 from fss import export as fss_export
 from fss.export import INPUT_NAMES, example_inputs, nearest_by_indices
 from fss.prediction import load_cached
-from tests.predict_helpers import make_checkpoint
+from tests.helpers.predict import make_checkpoint
 
 TOLERANCE = 1e-4
 # Non-square sizes that each model accepts (HSNet: multiples of 8; the synthetic HDMNet
