@@ -147,6 +147,8 @@ def export(model: nn.Module, path: str | Path, fmt: str, shot: int, size: tuple[
     with straightforward_paths(), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns of every Python branch on a shape; the shape is fixed by design.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # TorchScript is deprecated by PyTorch (docs/own-images.md); asked for, it is written.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
         _check_runs(graph, inputs)
         if fmt == "onnx":
             _export_onnx(graph, inputs, path)

@@ -118,6 +118,7 @@ def test_cli_exports_and_refuses_bad_shapes(checkpoints, tmp_path, capsys):
     module = torch.jit.load(str(out))
     logits, mask = module(*example_inputs(2, (64, 64), seed=3))
     assert logits.shape == (1, 2, 64, 64) and set(np.unique(mask.numpy())) <= {0, 1}
+    capsys.readouterr()  # torch.jit.load's deprecation warning
 
     bad = [
         (["--size", "60", "64"], "input size 60x64 does not suit HSNet"),
