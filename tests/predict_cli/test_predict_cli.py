@@ -208,3 +208,30 @@ def test_console_entry_point_exit_status(tmp_path):
                                    "or an official file")
 
 
+
+
+def test_cli_reads_an_official_hsnet_file(files, tmp_path, capsys):
+    """An official best_model.pt (DataParallel keys, no run description): recognised by its
+    keys, run at the official 400 px unless --size says otherwise, checked against --model."""
+    from fss.models import HSNet
+    from fss.models.checkpoint_io import to_official_state_dict
+    from fss.prediction import input_spec
+
+    torch.manual_seed(0)
+    model = HSNet("resnet18", weights=None).eval()
+    path = tmp_path / "best_model.pt"
+    torch.save(to_official_state_dict(model.state_dict(), "hsnet", parallel=True), path)
+    assert input_spec(load_cached(path)).size == 400
+    query = files["queries"] / "q0.png"
+    code, stdout, stderr = run_cli(["--checkpoint", path, *support_args(files, 1), "--query",
+                                    query, "--out", tmp_path / "out", "--size", "64",
+                                    "--model", "hsnet", "--backbone", "resnet18"], capsys)
+    assert code == 0, stderr
+    assert "hsnet on resnet18, 64x64 input, 1-shot, 1 query" in stdout
+    model.checkpoint_info = {"input": {"image_size": 64}}  # the same weights, told 64 px
+    expected = fss.predict(model, query, *zip(*files["supports"][:1], strict=True))
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "out" / "q0_mask.png")),
+                                  255 * expected)
+    code, _, stderr = run_cli(["--checkpoint", path, *support_args(files, 1), "--query", query,
+                               "--out", tmp_path / "out2", "--model", "hdmnet"], capsys)
+    assert code == 2 and "holds the hsnet model (resnet18), not --model hdmnet" in stderr
