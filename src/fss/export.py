@@ -17,8 +17,9 @@ choices are unrolled / specialised when traced. Export one file per shape you ne
 The graph is the models' straightforward path: the CPU fast paths of inference (support
 boxes read on the host, pruned products, BatchNorm-folded backbone copies) decide on
 the mask's values in Python, which a trace would freeze for the example inputs; they are
-switched off while exporting (``fss.ops.fast_paths(False)``, :func:`straightforward_paths`). The result matches the
-PyTorch model within float rounding (``tests/export/test_export.py``: 1e-4 on random inputs).
+switched off while exporting (``fss.ops.fast_paths(False)``, see
+:func:`straightforward_paths`). The result matches the PyTorch model within float rounding
+(``tests/export/test_export.py``: 1e-4 on random inputs).
 """
 
 from __future__ import annotations
