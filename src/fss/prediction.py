@@ -20,7 +20,7 @@ checkpoint and come back as a mask at the query's original size:
    the vote, which can differ from thresholding that mean at 0.5).
 
 Bad input raises :class:`~fss.utils.errors.ConfigError` with one line that names the file
-or argument (``docs/errors.md``, "Predicting on your own images").
+or argument (``docs/errors.md``, "Your own images").
 """
 
 from __future__ import annotations
@@ -75,12 +75,22 @@ def load_cached(path: str | Path) -> nn.Module:
 
 
 def resolve_model(model_or_checkpoint: nn.Module | str | Path) -> nn.Module:
-    if isinstance(model_or_checkpoint, nn.Module):
-        return model_or_checkpoint
+    """The few-shot model given, or loaded from the checkpoint path given."""
+    from fss.models import PSPNet
+
     if isinstance(model_or_checkpoint, str | Path):
-        return load_cached(model_or_checkpoint)
-    raise ConfigError(f"model_or_checkpoint must be a model (fss.load_model) or a checkpoint "
-                      f"path, got {type(model_or_checkpoint).__name__}")
+        model = load_cached(model_or_checkpoint)
+        source = f"checkpoint {model_or_checkpoint}"
+    elif isinstance(model_or_checkpoint, nn.Module):
+        model, source = model_or_checkpoint, "the model"
+    else:
+        raise ConfigError(f"model_or_checkpoint must be a model (fss.load_model) or a checkpoint "
+                          f"path, got {type(model_or_checkpoint).__name__}")
+    if isinstance(model, PSPNet):
+        raise ConfigError(f"{source} is a PSPNet base learner, not a few-shot model; pass an "
+                          "HSNet or HDMNet checkpoint (HDMNet trains on this base learner with "
+                          "`python run.py model=hdmnet base_learner.ckpt=<file>`)")
+    return model
 
 
 def model_name(model: nn.Module) -> str:
@@ -108,15 +118,16 @@ class InputSpec:
     antialias: bool
 
 
-def input_spec(model: nn.Module) -> InputSpec:
+def input_spec(model: nn.Module, size: int | None = None) -> InputSpec:
     """The input size and resize of ``model``: from its run description
-    (``model.checkpoint_info``), else the official protocol of its class."""
+    (``model.checkpoint_info``), else the official protocol of its class; ``size`` (if
+    given) replaces the size."""
     from fss.models import HDMNet, HSNet
 
     info = getattr(model, "checkpoint_info", None)
-    size = protocol = None
+    protocol = None
     if isinstance(info, dict):
-        size = (info.get("input") or {}).get("image_size")
+        size = size or (info.get("input") or {}).get("image_size")
         protocol = (info.get("data") or {}).get("protocol")
     if size is None:
         if isinstance(model, HSNet):
@@ -131,6 +142,21 @@ def input_spec(model: nn.Module) -> InputSpec:
     else:  # synthetic data (rendered at size) or an official file: the model's protocol
         antialias = isinstance(model, HSNet)
     return InputSpec(int(size), antialias)
+
+
+def check_input_size(model: nn.Module, height: int, width: int) -> None:
+    """ConfigError if ``model`` cannot take ``height`` x ``width`` inputs (its size rule)."""
+    from fss.models import HDMNet, HSNet
+    from fss.models.pspnet import check_input_size as check_pspnet_size
+
+    try:
+        if isinstance(model, HSNet):
+            model.check_image_size(height, width)
+        elif isinstance(model, HDMNet):
+            check_pspnet_size(height, width, strict=model.pspnet.strict_size)
+    except ValueError as error:
+        raise ConfigError(f"input size {height}x{width} does not suit {type(model).__name__}: "
+                          f"{error}") from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -256,89 +282,116 @@ def load_mask(value: ImageInput, name: str, mask_value: int | None = None) -> np
         array = array[:, :, 0]
     if array.ndim != 2:
         raise ConfigError(f"mask {name} must be (H, W), got shape {array.shape}")
-    foreground = array != 0 if mask_value is None else array == mask_value
-    return foreground.astype(np.uint8)
+    if mask_value is not None:
+        return (array == mask_value).astype(np.uint8)
+    values = np.unique(array)
+    if values.size > 2:
+        log.warning("mask %s holds %d distinct values (%s ...); every non-zero pixel counts as "
+                    "the object: pass a mask value for a label map (fss-predict --mask-value "
+                    "V), or save masks as PNG (JPEG leaves faint non-zero pixels at edges)",
+                    name, values.size, ", ".join(str(v) for v in values[:4].tolist()))
+    return (array != 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------- prediction
-@dataclass
-class SupportSet:
-    """K supports at the model's input size: images (1, K, 3, S, S) normalised, masks
-    (1, K, S, S) float {0, 1}."""
+@dataclass(frozen=True)
+class Support:
+    """One support as read: its name for messages, (H, W, 3) uint8 image and (H, W) uint8
+    {0, 1} mask at the image's size, with some foreground."""
 
-    images: torch.Tensor
-    masks: torch.Tensor
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+
+
+def read_supports(
+    supports: Sequence[ImageInput],
+    masks: Sequence[ImageInput],
+    *,
+    mask_value: int | None = None,
+    resize_mask: bool = False,
+) -> list[Support]:
+    """The supports and their masks read and checked (the checks that need no model): one
+    mask per image, at its size (or stretched with ``resize_mask``), not empty."""
+    from fss.data.io import resize_label
+
+    if isinstance(supports, str | Path | np.ndarray | torch.Tensor | Image.Image):
+        supports = [supports]
+    if isinstance(masks, str | Path | np.ndarray | torch.Tensor | Image.Image):
+        masks = [masks]
+    supports, masks = list(supports), list(masks)
+    if not supports:
+        raise ConfigError("no support image: pass at least one support image and its mask")
+    if len(supports) != len(masks):
+        raise ConfigError(f"{len(supports)} support images but {len(masks)} masks; pass one "
+                          "mask per support image")
+    if mask_value is not None and (isinstance(mask_value, bool) or not isinstance(
+            mask_value, int | np.integer)):
+        raise ConfigError(f"mask_value={mask_value!r} must be an integer label value")
+    read = []
+    for index, (support, mask) in enumerate(zip(supports, masks, strict=True)):
+        image_name = describe(support, f"support image {index + 1}")
+        mask_name = describe(mask, f"support mask {index + 1}")
+        image = load_image(support, image_name, "support image")
+        label = load_mask(mask, mask_name, mask_value)
+        if label.shape != image.shape[:2]:
+            if not resize_mask:
+                raise ConfigError(
+                    f"the support mask {mask_name} is {label.shape[1]}x{label.shape[0]} but "
+                    f"its image {image_name} is {image.shape[1]}x{image.shape[0]}; pass the "
+                    "mask made for that image, or resize_mask=True (fss-predict "
+                    "--resize-mask) to stretch it to the image (nearest)")
+            label = resize_label(label, image.shape[:2])
+        if not label.any():
+            rule = "non-zero" if mask_value is None else f"equal to {mask_value}"
+            raise ConfigError(
+                f"the support mask for {image_name} is empty: no pixel of {mask_name} is "
+                f"{rule}; pass the mask of the object to segment"
+                + ("" if mask_value is not None else
+                   " (or a mask value for a label map: fss-predict --mask-value V)"))
+        read.append(Support(image_name, image, label))
+    return read
 
 
 class Predictor:
-    """A model, its device and one prepared support set; call :meth:`run` per batch of
-    query images (any sizes). ``fss.predict`` and ``fss-predict`` are thin layers over it.
+    """A model on its device with one prepared support set (:func:`read_supports`); call
+    :meth:`run` per batch of query images (any sizes). ``fss.predict`` and ``fss-predict``
+    are thin layers over it. ``size`` replaces the model's input size (:func:`input_spec`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        supports: Sequence[ImageInput],
-        masks: Sequence[ImageInput],
+        supports: Sequence[Support],
         *,
-        mask_value: int | None = None,
-        resize_mask: bool = False,
         device: str | torch.device = "cpu",
+        size: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model
-        self.spec = input_spec(model)
-        self.supports = self._prepare_supports(supports, masks, mask_value, resize_mask)
+        self.spec = input_spec(model, size)
+        check_input_size(model, self.spec.size, self.spec.size)
+        self.support_images, self.support_masks = self._prepare(supports)
         self.model.to(self.device)
 
-    def _prepare_supports(self, supports, masks, mask_value, resize_mask) -> SupportSet:
+    def _prepare(self, supports: Sequence[Support]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, K, 3, S, S) normalised images and (1, K, S, S) float {0, 1} masks."""
         from fss.data.io import resize_label
 
-        if isinstance(supports, str | Path | np.ndarray | torch.Tensor | Image.Image):
-            supports = [supports]
-        if isinstance(masks, str | Path | np.ndarray | torch.Tensor | Image.Image):
-            masks = [masks]
-        supports, masks = list(supports), list(masks)
-        if not supports:
-            raise ConfigError("no support image: pass at least one support image and its mask")
-        if len(supports) != len(masks):
-            raise ConfigError(f"{len(supports)} support images but {len(masks)} masks; pass one "
-                              "mask per support image")
-        if mask_value is not None and (isinstance(mask_value, bool) or not isinstance(
-                mask_value, int | np.integer)):
-            raise ConfigError(f"mask_value={mask_value!r} must be an integer label value")
         size = (self.spec.size, self.spec.size)
-        images, labels = [], []
-        for index, (support, mask) in enumerate(zip(supports, masks, strict=True)):
-            image_name = describe(support, f"support image {index + 1}")
-            mask_name = describe(mask, f"support mask {index + 1}")
-            image = load_image(support, image_name, "support image")
-            label = load_mask(mask, mask_name, mask_value)
-            if label.shape != image.shape[:2]:
-                if not resize_mask:
-                    raise ConfigError(
-                        f"the support mask {mask_name} is {label.shape[1]}x{label.shape[0]} but "
-                        f"its image {image_name} is {image.shape[1]}x{image.shape[0]}; pass the "
-                        "mask made for that image, or resize_mask=True (fss-predict "
-                        "--resize-mask) to stretch it to the image (nearest)")
-                label = resize_label(label, image.shape[:2])
-            rule = "non-zero" if mask_value is None else f"equal to {mask_value}"
-            if not label.any():
-                raise ConfigError(
-                    f"the support mask for {image_name} is empty: no pixel of {mask_name} is "
-                    f"{rule}; pass the mask of the object to segment"
-                    + ("" if mask_value is not None else
-                       " (or a mask value for a label map: fss-predict --mask-value V)"))
-            small = resize_label(label, size)
+        images, masks = [], []
+        for support in supports:
+            small = resize_label(support.mask, size)
             if not small.any():
+                height, width = support.mask.shape
                 raise ConfigError(
-                    f"the support mask for {image_name} is empty once resized to the model's "
-                    f"{size[1]}x{size[0]} input (its {int(label.sum())} foreground pixels of "
-                    f"{image.shape[1]}x{image.shape[0]} vanish); crop the support around its "
-                    "object or use one where the object is larger")
-            images.append(self._input_tensor(image))
-            labels.append(torch.from_numpy(np.ascontiguousarray(small)).float())
-        return SupportSet(torch.stack(images)[None], torch.stack(labels)[None])
+                    f"the support mask for {support.name} is empty once resized to the model's "
+                    f"{size[1]}x{size[0]} input (its foreground, {int(support.mask.sum())} of "
+                    f"{width}x{height} pixels, vanishes); crop the support around its object or "
+                    "use one where the object is larger")
+            images.append(self._input_tensor(support.image))
+            masks.append(torch.from_numpy(np.ascontiguousarray(small)).float())
+        return torch.stack(images)[None], torch.stack(masks)[None]
 
     def _input_tensor(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, S, S) normalised, resized as the checkpoint's protocol."""
@@ -352,7 +405,7 @@ class Predictor:
 
     @property
     def shots(self) -> int:
-        return self.supports.images.shape[1]
+        return self.support_images.shape[1]
 
     @torch.no_grad()
     def run(
@@ -366,8 +419,8 @@ class Predictor:
             return []
         query = torch.stack([self._input_tensor(image) for image in images]).to(self.device)
         batch = query.shape[0]
-        support_imgs = self.supports.images.to(self.device).expand(batch, -1, -1, -1, -1)
-        support_masks = self.supports.masks.to(self.device).expand(batch, -1, -1, -1)
+        support_imgs = self.support_images.to(self.device).expand(batch, -1, -1, -1, -1)
+        support_masks = self.support_masks.to(self.device).expand(batch, -1, -1, -1)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -424,8 +477,8 @@ def predict(
     device this machine lacks.
     """
     model = resolve_model(model_or_checkpoint)
-    predictor = Predictor(model, supports, masks, mask_value=mask_value,
-                          resize_mask=resize_mask, device=device)
+    read = read_supports(supports, masks, mask_value=mask_value, resize_mask=resize_mask)
+    predictor = Predictor(model, read, device=device)
     single = not isinstance(query, list | tuple)
     queries = [query] if single else list(query)
     results: list[np.ndarray] = []
