@@ -69,8 +69,11 @@ class PerShot(InputDependent):
     def forward(self, query_img, support_imgs, support_masks):
         return self.per_shot_logits(query_img, support_imgs, support_masks).mean(dim=1)
 
+    def combine_shots(self, logits):
+        return vote(logits)  # the model's K-shot rule, as HSNet's
+
     def predict(self, query_img, support_imgs, support_masks):
-        return vote(self.per_shot_logits(query_img, support_imgs, support_masks))
+        return self.combine_shots(self.per_shot_logits(query_img, support_imgs, support_masks))
 
 
 def episode(size: int, original: torch.Tensor, class_id: int = 0, shots: int = 1, seed: int = 0):
