@@ -362,7 +362,7 @@ def test_read_checkpoint_trust_policy(tmp_path):
 def test_one_torch_load_site_in_src():
     """All reading goes through read_checkpoint: one torch.load call in src/fss."""
     sites = []
-    for path in sorted((Path(__file__).resolve().parents[1] / "src" / "fss").rglob("*.py")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "src" / "fss").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 sites.append(f"{path.name}:{node.lineno}")

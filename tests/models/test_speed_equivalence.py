@@ -25,7 +25,7 @@ from fss.models import HDMNet, HSNet
 from fss.ops import fast_paths, set_fast_paths
 
 LOGIT_TOLERANCE = 1e-4
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 # Every fast kernel of fss.ops (and where a model reaches one by name).
 FAST_KERNELS = [
     ("fss.ops.correlation", "_level_in_place"),
