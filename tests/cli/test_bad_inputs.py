@@ -34,6 +34,8 @@ CATALOGUE = [
     (["trainer.precision=fp8"], "trainer.precision=fp8 is not supported"),
     (["trainer.devices=0"], "trainer.devices=0 must be >= 1"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be an integer >= 1"),
+    (["pretrain.low_resolution.size=8"],
+     "pretrain.low_resolution.size=8: expected an integer >= 32"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt does not exist"),
     (["backbone.weights=/nonexistent.pth"], "backbone.weights=/nonexistent.pth is not a file"),
     (["model=hdmnet", "base_learner.ckpt=/nonexistent.pth"],

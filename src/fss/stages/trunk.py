@@ -16,9 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fss.lightning import SegmentationModule
+from fss.lightning.segmentation_module import check_low_resolution
 from fss.models.segmenter import PyramidSegmenter
 from fss.stages.cache import Stage, StageContext
 from fss.stages.training import stage_trainer
+from fss.utils.errors import ConfigError
 
 DEFAULT_HEAD_LEVELS = (2, 3, 4)
 # The value of backbone.weights that asks for this stage.
@@ -33,6 +35,12 @@ class TrunkStage(Stage):
 
     def applies(self, cfg: DictConfig) -> bool:
         return cfg.backbone.get("weights") == PRETRAIN
+
+    def check(self, cfg: DictConfig) -> None:
+        try:
+            check_low_resolution(_low_resolution(cfg))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def key_payload(self, cfg: DictConfig) -> dict[str, Any]:
         semantic = OmegaConf.to_container(cfg.data.semantic, resolve=True)
@@ -58,6 +66,7 @@ class TrunkStage(Stage):
             num_classes=num_classes,
             optimizer=instantiate(recipe.optimizer),
             scheduler=instantiate(recipe.scheduler) if recipe.scheduler else None,
+            low_resolution=_low_resolution(cfg),
         )
         trainer = stage_trainer(cfg, "pretrain", int(recipe.max_epochs))
         start = time.perf_counter()
@@ -74,6 +83,11 @@ class TrunkStage(Stage):
             "fast_dev_run": bool(cfg.trainer.get("fast_dev_run")),
         })
         trainer.strategy.barrier("pretrained-backbone-saved")
+
+
+def _low_resolution(cfg: DictConfig) -> dict | None:
+    value = cfg.pretrain.get("low_resolution")
+    return None if value is None else OmegaConf.to_container(value, resolve=True)
 
 
 def _recipe(cfg: DictConfig) -> dict:
