@@ -92,3 +92,14 @@ def test_side_by_side_plumbing_with_a_stand_in_checkout(tmp_path):
     assert "official s / step" in done.stdout
     row = json.loads(out.read_text())[0]
     assert row["official_step_s"] > 0 and row["step_s"] > 0
+
+
+def test_trunk_benchmark_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    done = _run("bench_trunk.py", ["--sizes", "64", "48", "--batch", "2", "--head-channels", "8",
+                                   "--json", str(out)])
+    assert "| 64² |" in done.stdout and "| 48² |" in done.stdout
+    assert "get_cpu_capability()" in done.stdout
+    rows = json.loads(out.read_text())
+    assert [r["size"] for r in rows] == [64, 48]
+    assert rows[0]["relative"] == 1.0 and all(r["step_s"] > 0 for r in rows)
