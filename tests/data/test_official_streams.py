@@ -27,6 +27,7 @@ from fss.data.official import hsnet_coco_stream, hsnet_fss_stream, hsnet_pascal_
 from fss.prepare import main, tiny
 from fss.utils.errors import ConfigError
 from tests.helpers.config import OFFICIAL_LISTS
+from tests.helpers.trees import prepared_pascal_tree
 
 EPISODES = 200
 OFFICIAL_HSNET = os.environ.get("FSS_OFFICIAL_HSNET")
@@ -88,10 +89,7 @@ def reference_fss(classes, shot, count, seed=0, offset=760):
 @pytest.fixture(scope="module")
 def pascal_tree(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pascal")
-    raw = tiny.make_pascal_raw(folder / "raw")
-    tiny.write_pascal_lists(folder / "lists", raw)
-    assert main(["pascal", "--voc", str(raw.voc_tar), "--sbd", str(raw.sbd_tgz), "--out",
-                 str(folder / "data"), "--no-list-check"]) == 0
+    prepared_pascal_tree(folder)
     return folder
 
 

@@ -15,9 +15,9 @@ import pytest
 from fss.data import ListStore, PascalSource
 from fss.data.protocols import PROTOCOLS, get_protocol, official_seed_array
 from fss.pipeline import run
-from fss.prepare import main, tiny
 from fss.report.cli import write_report
 from fss.utils.errors import ConfigError
+from tests.helpers.trees import prepared_pascal_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 48
@@ -26,10 +26,7 @@ SIZE = 48
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pascal")
-    raw = tiny.make_pascal_raw(folder / "raw")
-    tiny.write_pascal_lists(folder / "lists", raw)
-    assert main(["pascal", "--voc", str(raw.voc_tar), "--sbd", str(raw.sbd_tgz), "--out",
-                 str(folder / "data"), "--no-list-check"]) == 0
+    prepared_pascal_tree(folder)
     return folder
 
 

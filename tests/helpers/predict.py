@@ -6,6 +6,9 @@ prefix) from an untrained model, in seconds instead of a training run. Untrained
 tend to call everything background or everything foreground, which would hide a wrong
 resize or upsampling; so the last bias of each model is shifted until the reference
 episode's logit differences have median 0 (about half of its pixels foreground).
+
+The fixtures ``checkpoints``, ``models`` and ``files`` (defined as ``*_fixture``) are imported
+by the test modules that use them (one set per module).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
 
 from fss.checkpoints import CHECKPOINT_KEY, STATE_PREFIX, describe_run
+from fss.prediction import load_cached
 from tests.helpers.config import compose_config
 
 # Small but real: the synthetic benchmark's trunks (HSNet resnet18, HDMNet resnet_small).
@@ -112,3 +117,21 @@ def support_args(files: dict, shots: int) -> list[str]:
     for image, mask in files["supports"][:shots]:
         args += ["--support", str(image), str(mask)]
     return args
+
+
+@pytest.fixture(scope="module", name="checkpoints")
+def checkpoints_fixture(tmp_path_factory) -> dict[str, Path]:
+    """A checkpoint per model, written as a run writes it."""
+    directory = tmp_path_factory.mktemp("checkpoints")
+    return {name: make_checkpoint(name, directory) for name in SIZES}
+
+
+@pytest.fixture(scope="module", name="models")
+def models_fixture(checkpoints) -> dict[str, torch.nn.Module]:
+    return {name: load_cached(path) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module", name="files")
+def files_fixture(tmp_path_factory) -> dict:
+    """Supports, masks and queries of :data:`SUPPORT_SIZES` / :data:`QUERY_SIZES` as files."""
+    return write_files(tmp_path_factory.mktemp("images"))

@@ -12,7 +12,7 @@ from PIL import Image
 from fss.data import ListStore, PascalSource
 from fss.metrics import episodes
 from fss.pipeline import run
-from fss.prepare import main, tiny
+from tests.helpers.trees import prepared_pascal_tree
 
 FAST = ["model=all_foreground", "mode=test", "backbone.weights=none", "data.image_size=48",
         "data.module.num_workers=0", "data.module.test_episodes=10",
@@ -23,10 +23,7 @@ SIZE = 48
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pascal")
-    raw = tiny.make_pascal_raw(folder / "raw")
-    tiny.write_pascal_lists(folder / "lists", raw)
-    assert main(["pascal", "--voc", str(raw.voc_tar), "--sbd", str(raw.sbd_tgz), "--out",
-                 str(folder / "data"), "--no-list-check"]) == 0
+    prepared_pascal_tree(folder)
     return {"root": folder / "data", "lists": folder / "lists", "folder": folder}
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -16,32 +14,19 @@ import fss
 from fss import predict_cli
 from fss.prediction import load_cached
 from tests.helpers.config import ROOT
-from tests.helpers.predict import (
+from tests.helpers.predict import (  # noqa: F401 - the *_fixture names are fixtures
     QUERY_SIZES,
     SIZES,
     box_mask,
+    checkpoints_fixture,
+    files_fixture,
     make_checkpoint,
+    models_fixture,
     random_image,
     save_png,
     support_args,
     write_files,
 )
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("checkpoints")
-    return {name: make_checkpoint(name, directory) for name in SIZES}
-
-
-@pytest.fixture(scope="module")
-def models(checkpoints) -> dict[str, torch.nn.Module]:
-    return {name: load_cached(path) for name, path in checkpoints.items()}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict:
-    return write_files(tmp_path_factory.mktemp("images"))
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,29 +20,16 @@ from fss.lightning.few_shot_module import FewShotModule
 from fss.prediction import input_spec, load_cached
 from fss.utils.errors import ConfigError
 from tests.helpers.config import ROOT
-from tests.helpers.predict import (
+from tests.helpers.predict import (  # noqa: F401 - the *_fixture names are fixtures
     QUERY_SIZES,
     SIZES,
+    checkpoints_fixture,
+    files_fixture,
     make_checkpoint,
+    models_fixture,
     save_png,
     write_files,
 )
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("checkpoints")
-    return {name: make_checkpoint(name, directory) for name in SIZES}
-
-
-@pytest.fixture(scope="module")
-def models(checkpoints) -> dict[str, torch.nn.Module]:
-    return {name: load_cached(path) for name, path in checkpoints.items()}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict:
-    return write_files(tmp_path_factory.mktemp("images"))
 
 
 def test_fss_exports_predict_lazily():

@@ -21,7 +21,7 @@ and every setting below land in ``metrics.json`` (``protocol``), the loggers and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,14 @@ class Protocol:
 _PFENET_FILTER = ("drop training images holding a novel class; a class counts with >= 2048 "
                   "pixels")
 
+_PFENET = Protocol(
+    name="pfenet", lists="pfenet",
+    image_size={"pascal": 473, "coco": 633},
+    eval_resolution="original", ignore_boundary=True, train_filter=_PFENET_FILTER,
+    test_episodes={"pascal": 1000, "coco": 10000},
+    test_seeds=(), report="one seed (data.module.test_seed)",
+    official_streams=(),
+)
 PROTOCOLS: dict[str, Protocol] = {
     "hsnet": Protocol(
         name="hsnet", lists="hsnet",
@@ -76,30 +84,12 @@ PROTOCOLS: dict[str, Protocol] = {
         test_seeds=(0,), report="one seed",
         official_streams=("pascal", "coco", "fss1000"),
     ),
-    "pfenet": Protocol(
-        name="pfenet", lists="pfenet",
-        image_size={"pascal": 473, "coco": 633},
-        eval_resolution="original", ignore_boundary=True, train_filter=_PFENET_FILTER,
-        test_episodes={"pascal": 1000, "coco": 10000},
-        test_seeds=(), report="one seed (data.module.test_seed)",
-        official_streams=(),
-    ),
-    "bam": Protocol(
-        name="bam", lists="pfenet",
-        image_size={"pascal": 473, "coco": 633},
-        eval_resolution="original", ignore_boundary=True, train_filter=_PFENET_FILTER,
-        test_episodes={"pascal": 1000, "coco": 10000},
-        test_seeds=tuple(official_seed_array(5)), report="mean and best of 5 seeds",
-        official_streams=(),
-    ),
-    "hdmnet": Protocol(
-        name="hdmnet", lists="pfenet",
-        image_size={"pascal": 473, "coco": 633},
-        eval_resolution="original", ignore_boundary=True, train_filter=_PFENET_FILTER,
-        test_episodes={"pascal": 1000, "coco": 10000},
-        test_seeds=tuple(official_seed_array(10)), report="mean and best of 10 seeds",
-        official_streams=(),
-    ),
+    "pfenet": _PFENET,
+    # BAM and HDMNet test as PFENet does, over several seeds of the official seed array.
+    "bam": replace(_PFENET, name="bam", test_seeds=tuple(official_seed_array(5)),
+                   report="mean and best of 5 seeds"),
+    "hdmnet": replace(_PFENET, name="hdmnet", test_seeds=tuple(official_seed_array(10)),
+                      report="mean and best of 10 seeds"),
 }
 
 EPISODE_MODES = ("seeded", "official")
