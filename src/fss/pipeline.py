@@ -26,7 +26,9 @@ from fss.checkpoints import (
 from fss.data.protocols import get_protocol
 from fss.lightning import FewShotModule
 from fss.lightning.few_shot_module import EVAL_RESOLUTIONS
+from fss.ops.calibration import reset_used_paths as reset_used_product_paths
 from fss.ops.calibration import set_cache_dir as set_calibration_cache
+from fss.ops.calibration import used_paths as used_product_paths
 from fss.stages import check_stages, run_stage_job, run_stages
 from fss.utils.errors import ConfigError, RegressionError
 
@@ -224,6 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return run_stage_job(cfg)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     set_calibration_cache(cfg.paths.cache_dir)  # per-machine product paths (fss.ops)
+    reset_used_product_paths()  # metrics.json records this job's paths only
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
     # What ckpt_path holds (ours, Lightning, official), checked against the config first.
@@ -343,6 +346,9 @@ def _finish(cfg: DictConfig, metrics: dict[str, Any], extra: dict[str, Any],
         metrics["warning"] = UNTRAINED_WARNING
         log.warning("%s", UNTRAINED_WARNING)
     metrics.update(extra)
+    paths = used_product_paths()
+    if paths:  # CPU matrix products: which path each class took (float rounding differs)
+        metrics["product_paths"] = paths
     failure = _verify(cfg, metrics)
     if global_zero:  # under DDP every rank gets here with the same numbers
         output_dir = Path(cfg.paths.output_dir)

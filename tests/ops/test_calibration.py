@@ -46,6 +46,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(calibration, "_logged", set())
     monkeypatch.setattr(calibration, "_override", calibration.AUTO)
     monkeypatch.setattr(calibration, "_cache_dir", tmp_path / "cache")
+    monkeypatch.setattr(calibration, "_used", {})
     measured: list[tuple[int, int, int]] = []
     class_of = {shape: name for name, shapes in SHAPES.items() for shape in shapes}
 
@@ -131,6 +132,22 @@ def test_override_wins(fresh, monkeypatch) -> None:
     monkeypatch.setenv(calibration.ENV_VARIABLE, "fastest")
     with pytest.raises(ConfigError, match="FSS_PRODUCT_PATH='fastest'"):
         calibration._from_environment()
+
+
+def test_used_paths_record_what_each_class_took(fresh) -> None:
+    assert calibration.used_paths() == {}
+    large, matrix = torch.randn(3000, 512), torch.randn(512, 99)
+    small, small_matrix = torch.randn(100, 64), torch.randn(64, 50)
+    calibration.use_conv(CORRELATION_FINE, large, matrix)  # calibrated (fake): conv
+    calibration.use_conv(CORRELATION_COARSE, large, matrix)  # calibrated (fake): mm
+    calibration.use_conv(CORRELATION_FINE, small, small_matrix)  # the fixed default
+    fine = "+".join(sorted({CONV, calibration.fixed_defaults()[CORRELATION_FINE]}))
+    assert calibration.used_paths() == {CORRELATION_COARSE: MM, CORRELATION_FINE: fine}
+    with calibration.product_path("conv"):
+        calibration.use_conv(SUPPORT_MATRIX, large, matrix)
+    assert calibration.used_paths()[SUPPORT_MATRIX] == CONV
+    calibration.reset_used_paths()
+    assert calibration.used_paths() == {}
 
 
 def test_override_from_the_environment_needs_no_calibration(tmp_path) -> None:

@@ -42,6 +42,14 @@ def test_fast_dev_run_writes_metrics(compose_cfg, shared_cache, tmp_path, model)
     if model == "all_foreground":
         # Everything predicted foreground: background IoU is 0, so FB-IoU = pooled fg IoU / 2.
         assert 0.0 < written["FB-IoU"] <= 50.0 and written["mIoU"] > 0.0
+    # The CPU matrix products' paths are recorded (HSNet's correlation and 4D convs); the
+    # other two models run none, and no earlier job's record leaks into theirs.
+    if model == "hsnet":
+        paths = written["product_paths"]
+        assert {"correlation_coarse", "support_matrix"} <= set(paths)
+        assert set(paths.values()) <= {"conv", "mm", "conv+mm"}
+    else:
+        assert "product_paths" not in written
 
 
 def test_pretrained_trunk_is_cached_and_reused(compose_cfg, tmp_path, caplog):

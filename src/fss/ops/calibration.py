@@ -102,6 +102,8 @@ _override = _from_environment()
 _cache_dir: Path | None = None
 _memo: dict[tuple[str, str], dict[str, str]] = {}
 _logged: set[str] = set()
+# The paths the CPU products of this process took, per class (what a run records).
+_used: dict[str, set[str]] = {}
 
 
 def set_product_path(path: str) -> None:
@@ -322,14 +324,33 @@ def choices(directory: str | Path | None = None, *, force: bool = False) -> dict
 def use_conv(shape_class: str, rows: Tensor, matrix: Tensor) -> bool:
     """Whether the product ``rows @ matrix`` of ``shape_class`` runs as a oneDNN 1x1
     convolution (else ``torch.mm``): the override, else off the CPU yes, else for a small
-    product the ISA's fixed default, else the calibrated choice."""
-    if _override != AUTO:
-        return _override == CONV
-    if rows.device.type != "cpu":
+    product the ISA's fixed default, else the calibrated choice. CPU decisions are recorded
+    for :func:`used_paths`."""
+    if rows.device.type != "cpu" and _override == AUTO:
         return True
-    if rows.shape[0] * rows.shape[1] * matrix.shape[1] < MIN_CALIBRATED_MACS:
-        return fixed_defaults()[shape_class] == CONV
-    return choices()[shape_class] == CONV
+    if _override != AUTO:
+        conv = _override == CONV
+    elif rows.shape[0] * rows.shape[1] * matrix.shape[1] < MIN_CALIBRATED_MACS:
+        conv = fixed_defaults()[shape_class] == CONV
+    else:
+        conv = choices()[shape_class] == CONV
+    if rows.device.type == "cpu":
+        _used.setdefault(shape_class, set()).add(CONV if conv else MM)
+    return conv
+
+
+def used_paths() -> dict[str, str]:
+    """The product path each class's CPU products took in this process so far (``conv``,
+    ``mm``, or ``conv+mm`` when small and large products of a class went different ways),
+    for a run's record: the chosen path changes float rounding, so a score is reproduced
+    exactly only on the same paths (pin them with ``FSS_PRODUCT_PATH``). Empty when no
+    CPU product ran."""
+    return {name: "+".join(sorted(paths)) for name, paths in sorted(_used.items())}
+
+
+def reset_used_paths() -> None:
+    """Forget the recorded paths (a new job in the same process starts its own record)."""
+    _used.clear()
 
 
 # ---------------------------------------------------------------------------------- CLI
