@@ -20,11 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fss.ops.config import FAST, REFERENCE, choose_impl
+from fss.ops.config import DEVICE_IMPLS, FAST, FAST_CPU, REFERENCE, choose_impl, device_impl
 
-FAST_CPU = "fast_cpu"
-FAST_ACCELERATOR = "fast_accelerator"
-CROSS_IMPLS = (FAST, FAST_CPU, FAST_ACCELERATOR, REFERENCE)
+CROSS_IMPLS = DEVICE_IMPLS
 SELF_IMPLS = (FAST, REFERENCE)
 # The official self-attention scale is 1 / (√d + SCALE_EPS).
 SCALE_EPS = 1e-9
@@ -99,9 +97,7 @@ def cross_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cross_attention_weights(...)[0] @ v`` (B, heads, Lq, d) and the correlation
     (B, Lq); ``impl`` as in the module docstring."""
-    impl = choose_impl(impl, CROSS_IMPLS)
-    if impl == FAST:
-        impl = FAST_CPU if q.device.type == "cpu" else FAST_ACCELERATOR
+    impl = device_impl(choose_impl(impl, CROSS_IMPLS), q.device.type == "cpu")
     if impl == FAST_CPU:
         return pruned_cross_attention(q, k, v, support_mask, mode, temperature)
     attention, correlation = cross_attention_weights(q, k, support_mask, mode, temperature)

@@ -16,15 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fss.ops.config import FAST, REFERENCE, choose_impl
+from fss.ops.config import DEVICE_IMPLS, FAST_ACCELERATOR, REFERENCE, choose_impl, device_impl
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right), ends exclusive
 # Work is pruned to a box only below this fraction of the map: above it, cropping and
 # per-support bookkeeping cost more than the few skipped positions save.
 PRUNE_BELOW = 0.9
-FAST_CPU = "fast_cpu"
-FAST_ACCELERATOR = "fast_accelerator"
-IMPLS = (FAST, FAST_CPU, FAST_ACCELERATOR, REFERENCE)
+IMPLS = DEVICE_IMPLS
 
 
 def nonzero_box(values: Tensor) -> Box:
@@ -66,9 +64,7 @@ def mask_boxes(masks: Tensor, size: tuple[int, int], *, impl: str | None = None
     would synchronise with the host (forced: ``fast_cpu`` computes them on any device,
     ``fast_accelerator`` never). ``reference``: ``None``.
     """
-    impl = choose_impl(impl, IMPLS)
-    if impl == FAST:
-        impl = FAST_CPU if masks.device.type == "cpu" else FAST_ACCELERATOR
+    impl = device_impl(choose_impl(impl, IMPLS), masks.device.type == "cpu")
     if impl in (REFERENCE, FAST_ACCELERATOR):
         return None
     height, width = size

@@ -18,6 +18,11 @@ from fss.utils.errors import ConfigError
 ENV_VARIABLE = "FSS_FAST_PATHS"
 FAST = "fast"
 REFERENCE = "reference"
+# Ops whose fast path differs between the CPU and accelerators also accept each form by
+# name, so that both run (and are tested) on any device.
+FAST_CPU = "fast_cpu"
+FAST_ACCELERATOR = "fast_accelerator"
+DEVICE_IMPLS = (FAST, FAST_CPU, FAST_ACCELERATOR, REFERENCE)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -71,4 +76,13 @@ def choose_impl(impl: str | None, accepted: tuple[str, ...]) -> str:
     if impl not in accepted:
         raise ValueError(f"impl={impl!r} is not an implementation of this op; accepted: "
                          f"{', '.join(accepted)}")
+    return impl
+
+
+def device_impl(impl: str, on_cpu: bool) -> str:
+    """An op's chosen ``impl`` with ``fast`` resolved to the device's form: ``fast_cpu``
+    where ``on_cpu`` (the CPU, and whatever else the op's CPU form needs), else
+    ``fast_accelerator``; any other value unchanged."""
+    if impl == FAST:
+        return FAST_CPU if on_cpu else FAST_ACCELERATOR
     return impl

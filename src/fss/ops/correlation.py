@@ -29,15 +29,13 @@ from torch import Tensor
 
 from fss.ops.boxes import box_area, nonzero_box, union_box, worth_pruning
 from fss.ops.calibration import COARSE_BELOW, CORRELATION_COARSE, CORRELATION_FINE, use_conv
-from fss.ops.config import FAST, REFERENCE, choose_impl
+from fss.ops.config import DEVICE_IMPLS, FAST_CPU, REFERENCE, choose_impl, device_impl
 from fss.ops.matmul import matmul_as_conv
 
 # Added to the L2 norm before dividing, as the official code, so all-zero (masked-out)
 # support vectors give a zero correlation instead of NaN.
 NORM_EPS = 1e-5
-FAST_CPU = "fast_cpu"
-FAST_ACCELERATOR = "fast_accelerator"
-IMPLS = (FAST, FAST_CPU, FAST_ACCELERATOR, REFERENCE)
+IMPLS = DEVICE_IMPLS
 
 
 @dataclass(frozen=True)
@@ -131,8 +129,7 @@ def hypercorrelation_pyramid(
             dtype = torch.promote_types(dtype, feature.dtype)
     query_features = [f.to(dtype) for f in query_features]
     support_features = [f.to(dtype) for f in support_features]
-    if impl == FAST:
-        impl = FAST_CPU if device_type == "cpu" and not needs_grad else FAST_ACCELERATOR
+    impl = device_impl(impl, device_type == "cpu" and not needs_grad)
     if impl == FAST_CPU and needs_grad:
         raise ValueError("impl='fast_cpu' writes the correlations in place and cannot be "
                          "differentiated: use 'fast_accelerator' or 'reference' with autograd")

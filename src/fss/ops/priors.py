@@ -18,13 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fss.ops.config import FAST, REFERENCE, choose_impl
+from fss.ops.config import DEVICE_IMPLS, FAST_CPU, REFERENCE, choose_impl, device_impl
 from fss.ops.matmul import matmul_as_conv
 
 COSINE_EPS = 1e-7
-FAST_CPU = "fast_cpu"
-FAST_ACCELERATOR = "fast_accelerator"
-IMPLS = (FAST, FAST_CPU, FAST_ACCELERATOR, REFERENCE)
+IMPLS = DEVICE_IMPLS
 
 
 def max_cosine_prior(
@@ -43,8 +41,7 @@ def max_cosine_prior(
     impl = choose_impl(impl, IMPLS)
     if impl == REFERENCE:
         return max_cosine_prior_reference(query_features, support_features, support_masks)
-    if impl == FAST:
-        impl = FAST_CPU if query_features.device.type == "cpu" else FAST_ACCELERATOR
+    impl = device_impl(impl, query_features.device.type == "cpu")
     batch, shots = support_features.shape[:2]
     query = query_features.flatten(2)  # (B, C, Lq)
     query_norm = query.norm(dim=1, keepdim=True)  # (B, 1, Lq)
