@@ -26,6 +26,7 @@ from common import machine_line, markdown_table, median, time_alternating  # noq
 
 from fss.data import SyntheticSource  # noqa: E402
 from fss.data.transforms import IGNORE_INDEX  # noqa: E402
+from fss.lightning.segmentation_module import downsample  # noqa: E402
 from fss.models.segmenter import PyramidSegmenter  # noqa: E402
 
 
@@ -51,13 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     net = PyramidSegmenter(args.backbone, len(source.base_classes(0)) + 1,
                            head_channels=args.head_channels)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    batches = {}
-    for size in args.sizes:
-        scaled = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)
-        scaled_labels = F.interpolate(labels[:, None].float(), size=(size, size),
-                                      mode="nearest")[:, 0].long()
-        batches[size] = (scaled, scaled_labels)
+    # The scenes are rendered at the largest size and shrunk as the trunk stage shrinks them.
+    batches = {size: downsample(images, labels, size) for size in args.sizes}
 
     def step(size: int) -> None:
         batch_images, batch_labels = batches[size]

@@ -326,15 +326,16 @@ def use_conv(shape_class: str, rows: Tensor, matrix: Tensor) -> bool:
     convolution (else ``torch.mm``): the override, else off the CPU yes, else for a small
     product the ISA's fixed default, else the calibrated choice. CPU decisions are recorded
     for :func:`used_paths`."""
-    if rows.device.type != "cpu" and _override == AUTO:
-        return True
+    on_cpu = rows.device.type == "cpu"
     if _override != AUTO:
         conv = _override == CONV
+    elif not on_cpu:
+        return True
     elif rows.shape[0] * rows.shape[1] * matrix.shape[1] < MIN_CALIBRATED_MACS:
         conv = fixed_defaults()[shape_class] == CONV
     else:
         conv = choices()[shape_class] == CONV
-    if rows.device.type == "cpu":
+    if on_cpu:
         _used.setdefault(shape_class, set()).add(CONV if conv else MM)
     return conv
 
