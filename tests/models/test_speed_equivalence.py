@@ -44,7 +44,8 @@ FAST_KERNELS = [
     ("fss.ops.priors", "_dense_prior"),
     ("fss.ops.priors", "matmul_as_conv"),
     ("fss.ops.boxes", "nonzero_box"),
-    ("fss.models.pspnet", "conv2d_in_boxes"),
+    ("fss.ops.pyramid", "_conv2d_split"),
+    ("fss.ops.pyramid", "conv2d_in_boxes"),
 ]
 
 
@@ -237,7 +238,8 @@ def test_switch_off_runs_no_fast_kernel_in_hdmnet(monkeypatch) -> None:
         fast = model(query, supports, masks)
     for kernel in ("fss.ops.attention.pruned_cross_attention",
                    "fss.ops.attention._fused_self_attention", "fss.ops.priors._pruned_prior",
-                   "fss.models.pspnet.conv2d_in_boxes", "fss.ops.folding.fold_batchnorms"):
+                   "fss.ops.pyramid._conv2d_split", "fss.ops.pyramid.conv2d_in_boxes",
+                   "fss.ops.folding.fold_batchnorms"):
         assert calls.get(kernel, 0) > 0, kernel
     assert (fast - reference).abs().max().item() <= LOGIT_TOLERANCE
 

@@ -45,7 +45,7 @@ from fss.models.psp_backbones import (
     load_matching_state_dict,
     read_state_dict,
 )
-from fss.ops.boxes import conv2d_in_boxes
+from fss.ops.pyramid import conv2d_over_pyramid, upsampled
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ class PyramidPooling(nn.Module):
         )
         self.out_channels = in_channels + reduced * len(bins)
 
+    def bins(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The bins' maps at their own sizes (1², 2², 3², 6²)."""
+        return [branch(x) for branch in self.features]
+
     def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The bins' maps, each upsampled (bilinear, align_corners=True) to x's size."""
-        size = x.shape[-2:]
-        return [
-            F.interpolate(branch(x), size=size, mode="bilinear", align_corners=True)
-            for branch in self.features
-        ]
+        return upsampled(self.bins(x), x.shape[-2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, *self.pooled(x)], dim=1)
@@ -209,8 +209,12 @@ class PSPNet(nn.Module):
         return outputs
 
     def feat5(self, layer4: torch.Tensor) -> torch.Tensor:
-        """``cls[0:2](ppm(layer4))``: conv + BN, before the ReLU."""
-        return self.cls[1](self.cls[0](self.ppm(layer4)))
+        """``cls[0:2](ppm(layer4))``: conv + BN, before the ReLU. The conv's share of the
+        bins is computed on their small maps (:func:`fss.ops.pyramid.conv2d_over_pyramid`;
+        the reference upsamples and concatenates them)."""
+        conv = self.cls[0]
+        return conv2d_over_pyramid(layer4, self.ppm.bins(layer4), conv.weight, conv.bias,
+                                   after=self.cls[1])
 
     def feat5_in_boxes(
         self, layer4: torch.Tensor, boxes: list[tuple[int, int, int, int]]
@@ -218,11 +222,11 @@ class PSPNet(nn.Module):
         """``feat5`` of each image inside its box (top, bottom, left, right; ends
         exclusive), 0 elsewhere: the values :meth:`feat5` gives there, for the price of the
         box (the 3x3 conv reads a one-position halo, zero-padded at the map's border as
-        the full conv pads it; :func:`fss.ops.boxes.conv2d_in_boxes`). The pyramid pooling
-        still sees the whole map."""
-        conv, norm = self.cls[0], self.cls[1]
-        return conv2d_in_boxes([layer4, *self.ppm.pooled(layer4)], conv.weight, conv.bias,
-                               boxes, after=norm)
+        the full conv pads it; :func:`fss.ops.pyramid.conv2d_over_pyramid`). The pyramid
+        pooling still sees the whole map."""
+        conv = self.cls[0]
+        return conv2d_over_pyramid(layer4, self.ppm.bins(layer4), conv.weight, conv.bias,
+                                   boxes, after=self.cls[1])
 
     def base_learner(self, feat5: torch.Tensor) -> torch.Tensor:
         """``cls[2:5]`` on ``feat5``: logits (B, num_classes, h, w) at feature resolution."""

@@ -77,15 +77,17 @@ def mask_boxes(masks: Tensor, size: tuple[int, int], *, impl: str | None = None
 
 def conv2d_in_boxes(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | None,
                     boxes: Sequence[Box],
-                    after: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """``after(conv2d(cat(inputs, dim=1)))`` (stride 1, padding k // 2) inside each image's
+                    after: Callable[[Tensor], Tensor] | None = None,
+                    add: Tensor | None = None) -> Tensor:
+    """``after(conv2d(cat(inputs, dim=1)) + add)`` (stride 1, padding k // 2) inside each image's
     box (top, bottom, left, right; ends exclusive), 0 elsewhere: the values the whole-map
     convolution gives there, for the price of the box.
 
     inputs: maps (N, C_i, H, W) concatenated along channels (only inside the box plus a
     k // 2 halo, zero-padded at the map's border as the full conv pads it); weight
-    (C_out, ΣC_i, k, k); ``after``: a per-position map (e.g. an eval-mode BatchNorm) applied
-    to each box's values. Returns (N, C_out, H, W).
+    (C_out, ΣC_i, k, k); ``add``: a map (N or 1, C_out, H, W) added to the
+    convolution's values; ``after``: a per-position map (e.g. an eval-mode BatchNorm)
+    applied to each box's values. Returns (N, C_out, H, W).
     """
     batch, _, height, width = inputs[0].shape
     halo = weight.shape[-1] // 2
@@ -100,6 +102,9 @@ def conv2d_in_boxes(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | Non
                                 rows.start - top + halo, bottom + halo - rows.stop))
         region = region.contiguous(memory_format=torch.channels_last)
         values = F.conv2d(region, weight, bias)
+        if add is not None:
+            row = index if add.shape[0] > 1 else 0
+            values = values + add[row : row + 1, :, top:bottom, left:right]
         out[index, :, top:bottom, left:right] = (values if after is None else after(values))[0]
     return out
 
