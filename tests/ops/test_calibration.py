@@ -29,10 +29,9 @@ from fss.ops.calibration import (
 )
 from fss.ops.correlation import correlation_product
 from fss.utils.errors import ConfigError
+from tests.helpers.isa import AVX2_CAPS as CAPS
+from tests.helpers.isa import SRC, run_json_script
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-        "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # The fake measurement: conv faster for the fine correlation products only.
 REAL_MEASURE = calibration.measure
 FAKE_RATIO = {CORRELATION_COARSE: 1.5, CORRELATION_FINE: 0.5, SUPPORT_MATRIX: 1.2}
@@ -282,14 +281,7 @@ print(json.dumps(result))
 
 @pytest.mark.parametrize("caps", [False, True], ids=["no-caps", "avx2-caps"])
 def test_both_paths_match_the_reference_under_isa_caps(caps, tmp_path) -> None:
-    env = {key: value for key, value in os.environ.items() if key not in CAPS}
-    env.update(PYTHONPATH=str(SRC), FSS_CACHE=str(tmp_path))
-    if caps:
-        env.update(CAPS)
-    done = subprocess.run([sys.executable, "-c", EQUIVALENCE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_json_script(EQUIVALENCE, caps, FSS_CACHE=str(tmp_path))
     for name, value in CAPS.items():
         assert result["key"][name] == (value if caps else "")
     for path in (CONV, MM):

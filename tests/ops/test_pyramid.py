@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fss.models.pspnet import PSPNet
+from fss.ops import fast_paths
 from fss.ops.pyramid import (
     conv2d_over_pyramid,
     conv2d_over_pyramid_reference,
     interpolation_matrix,
 )
+from tests.helpers.isa import run_json_script
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-        "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # On a 13x11 map: interior, full height at the left border, the bottom-right corner, empty.
 BOXES = [(2, 9, 3, 7), (0, 13, 0, 2), (12, 13, 10, 11), (0, 0, 0, 0)]
 
@@ -95,7 +88,6 @@ def test_pspnet_feat5_follows_the_switch() -> None:
     boxes = [(3, 11, 2, 9), (0, 17, 0, 17)]
     with torch.no_grad():
         expected = model.cls[1](model.cls[0](model.ppm(layer4)))
-        from fss.ops import fast_paths
         with fast_paths(True):
             fast, fast_boxes = model.feat5(layer4), model.feat5_in_boxes(layer4, boxes)
         with fast_paths(False):
@@ -129,14 +121,7 @@ print(json.dumps({"errors": errors, "capability": torch.backends.cpu.get_cpu_cap
 def test_matches_fp64_at_hdmnet_shapes_under_isa_caps(caps) -> None:
     """PSPNet's head at HDMNet's 60² map (half the R50 channels: 1024 + 4 x 256) in a new process, so
     that the ISA caps take effect: relative error to the fp64 reference <= 1e-5."""
-    env = {key: value for key, value in os.environ.items() if key not in CAPS}
-    env.update(PYTHONPATH=str(SRC))
-    if caps:
-        env.update(CAPS)
-    done = subprocess.run([sys.executable, "-c", EQUIVALENCE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_json_script(EQUIVALENCE, caps)
     if caps:
         assert result["capability"] in ("AVX2", "DEFAULT")
     assert max(result["errors"]) <= 1e-5, result["errors"]
