@@ -268,3 +268,48 @@ def test_unknown_impl_is_refused() -> None:
     module = CenterPivotConv4d(2, 4, 3, 1)
     with pytest.raises(ValueError, match="impl='fast_cpu'.*accepted: fast, reference"):
         center_pivot_conv4d(torch.randn(1, 2, 3, 3, 3, 3), *_weights(module), impl="fast_cpu")
+
+
+def _copy_slices_nodes(output: torch.Tensor) -> int:
+    """Backward nodes that copy a whole gradient back through a view (in-place op on a
+    view of a tensor in the graph)."""
+    seen, stack, count = set(), [output.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "CopySlices"
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+def test_learner_blocks_train_without_copying_gradients_through_views() -> None:
+    """A squeezing block on a support-last level (the correlation) under autograd: no
+    in-place op on a view enters the graph (the conv's add and the ReLU run out of place),
+    the result equals the reference block, and the same block still writes in place
+    without autograd."""
+    from fss.models.hsnet.learner import SQUEEZE_L3, conv4d_block
+
+    torch.manual_seed(3)
+    block = conv4d_block(3, SQUEEZE_L3).double()
+    x = _support_last(torch.rand(2, 3, 9, 8, 13, 13, dtype=torch.float64))
+    out = block(x)
+    assert _copy_slices_nodes(out) == 0
+    from fss.ops import fast_paths
+
+    with fast_paths(False):
+        expected = block(x.contiguous())
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+    with fast_paths(False):
+        want = torch.autograd.grad(block(x.contiguous()).square().sum(), list(block.parameters()))
+    for got, reference in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, reference, rtol=1e-9, atol=1e-9)
+    # Without autograd the ReLU rectifies the norm's output in place.
+    relu = block[2]
+    y = channels_last_6d(torch.randn(1, 2, 3, 3, 2, 2))
+    with torch.no_grad():
+        assert relu(y).data_ptr() == y.data_ptr() and y.min() >= 0
+    leaf = torch.randn(4, requires_grad=True)
+    assert relu(leaf).data_ptr() != leaf.data_ptr()

@@ -9,6 +9,8 @@ query dims at every support position, one over the support dims at every query p
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fss.ops.conv4d import (
@@ -20,7 +22,7 @@ from fss.ops.conv4d import (
 )
 from fss.ops.correlation import BoxedCorrelation
 
-__all__ = ["CenterPivotConv4d", "GroupNorm6d", "channels_last_6d", "is_channels_last_6d"]
+__all__ = ["CenterPivotConv4d", "GroupNorm6d", "ReLU6d", "channels_last_6d", "is_channels_last_6d"]
 
 
 class CenterPivotConv4d(nn.Module):
@@ -73,3 +75,20 @@ class GroupNorm6d(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         return group_norm_6d(x, self.num_groups, self.weight, self.bias, self.eps,
                              inplace=self.inplace)
+
+
+class ReLU6d(nn.ReLU):
+    """``nn.ReLU`` for the 6D layouts: in place without autograd (inference), out of place
+    with it.
+
+    A channels-last 6D tensor is a permuted view of its storage. An in-place op on such a
+    view makes autograd route the whole gradient through the view's base in the backward
+    pass (one copy of the full gradient and one of the slice per layer: HSNet R50 400²,
+    batch 2, 15 of the learner's ReLUs); out of place the backward is one threshold pass.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))

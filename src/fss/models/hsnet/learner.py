@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fss.models.hsnet.conv4d import CenterPivotConv4d, GroupNorm6d
+from fss.models.hsnet.conv4d import CenterPivotConv4d, GroupNorm6d, ReLU6d
 from fss.models.hsnet.conv4d_variants import build_conv4d
 from fss.ops.conv4d import resize_query_dims, resize_support_dims
 from fss.ops.correlation import BoxedCorrelation
@@ -65,7 +65,7 @@ def conv4d_block(in_channels: int, spec: BlockSpec, kernel: str = "center_pivot"
             build_conv4d(kernel, channels, out_channels, kernel_size, stride),
             # nn.GroupNorm, layout-preserving; in place on the conv's output (inference)
             GroupNorm6d(GROUPNORM_GROUPS, out_channels, inplace=True),
-            nn.ReLU(inplace=True),
+            ReLU6d(),
         ]
         channels = out_channels
     return nn.Sequential(*layers)
