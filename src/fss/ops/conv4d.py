@@ -357,9 +357,10 @@ def group_norm_6d(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tenso
 
     ``fast``: a channels-last 6D input is normalised without a layout copy (PyTorch's own
     channels-last GroupNorm kernel was measured 7e-4 off fp64 on these sizes, so the
-    statistics are computed here); without autograd the statistics run in cache-sized
-    chunks and ``inplace`` writes the result over the input (R50 5-shot 400², the first
-    squeeze layer's norm + ReLU: 35 -> 19 ms). Other layouts go to ``F.group_norm``.
+    statistics are computed here), in cache-sized chunks; without autograd ``inplace``
+    writes the result over the input (R50 5-shot 400², the first squeeze layer's norm +
+    ReLU: 35 -> 19 ms); with autograd the backward is hand-written (:class:`_GroupNormRows`).
+    Other layouts go to ``F.group_norm``.
     ``reference``: ``F.group_norm``.
     """
     if choose_impl(impl, IMPLS) == REFERENCE or not is_channels_last_6d(x):
@@ -372,36 +373,116 @@ def _group_norm_channels_last(x: Tensor, groups: int, weight: Tensor | None,
     """:func:`group_norm_6d`'s fast path on a channels-last 6D ``x``."""
     n, channels = x.shape[:2]
     flat = x.permute(0, 2, 3, 4, 5, 1).reshape(n, -1, channels)  # a view
-    # Per-channel sums over all positions (fast column reductions), then per group.
-    # E[x²] - E[x]² in fp32 is within ~1e-6 relative of fp64 here (activations whose
-    # mean is not orders of magnitude above their spread); torch.var_mean over these
-    # strided dims was 4-60x slower.
-    autograd = torch.is_grad_enabled() and flat.requires_grad
-    count = flat.shape[1] * (channels // groups)
-    if autograd:
-        sums, square_sums = flat.sum(dim=1), (flat * flat).sum(dim=1)
-    else:  # in chunks that stay in cache: no full-size temporary for the squares
-        sums = flat.new_zeros(n, channels)
-        square_sums = flat.new_zeros(n, channels)
-        for chunk in flat.split(_STATISTICS_CHUNK, dim=1):
-            sums += chunk.sum(dim=1)
-            square_sums += (chunk * chunk).sum(dim=1)
-    mean = sums.view(n, groups, -1).sum(dim=2) / count  # (N, G)
-    mean_square = square_sums.view(n, groups, -1).sum(dim=2) / count
-    var = (mean_square - mean * mean).clamp(min=0)
-    scale = (var + eps).rsqrt().repeat_interleave(channels // groups, dim=1)
-    shift = -mean.repeat_interleave(channels // groups, dim=1) * scale  # (N, C)
-    if weight is not None:
-        shift = shift * weight + bias
-        scale = scale * weight
-    # Per-sample 2D addcmul: the 3D broadcast form was several times slower on CPU.
-    if autograd:
-        out = torch.stack([torch.addcmul(shift[i], flat[i], scale[i]) for i in range(n)])
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (flat, weight, bias)):
+        out = _GroupNormRows.apply(flat, weight, bias, groups, eps)
     else:
+        mean, rstd = _group_statistics(flat, groups, eps)
+        scale, shift = _affine(mean, rstd, weight, bias, channels)
         out = flat if inplace else torch.empty_like(flat)
         for i in range(n):
             torch.addcmul(shift[i], flat[i], scale[i], out=out[i])
     return out.view(n, *x.shape[2:], channels).permute(0, 5, 1, 2, 3, 4)
+
+
+def _channel_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample and channel, the sums of ``a`` and of ``a * b`` over the positions of
+    (N, P, C) rows, in chunks that stay in cache (no full-size temporary)."""
+    sums = a.new_zeros(a.shape[0], a.shape[2])
+    products = a.new_zeros(a.shape[0], a.shape[2])
+    for chunk_a, chunk_b in zip(a.split(_STATISTICS_CHUNK, dim=1),
+                                b.split(_STATISTICS_CHUNK, dim=1), strict=True):
+        sums += chunk_a.sum(dim=1)
+        products += (chunk_a * chunk_b).sum(dim=1)
+    return sums, products
+
+
+def _group_statistics(flat: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Mean and 1 / sqrt(var + eps) per sample and group, (N, G), of (N, P, C) rows.
+
+    Per-channel sums over all positions (fast column reductions), then per group.
+    E[x²] - E[x]² in fp32 is within ~1e-6 relative of fp64 here (activations whose mean is
+    not orders of magnitude above their spread); torch.var_mean over these strided dims
+    was 4-60x slower.
+    """
+    n, positions, channels = flat.shape
+    count = positions * (channels // groups)
+    sums, square_sums = _channel_sums(flat, flat)
+    mean = sums.view(n, groups, -1).sum(dim=2) / count
+    mean_square = square_sums.view(n, groups, -1).sum(dim=2) / count
+    var = (mean_square - mean * mean).clamp(min=0)
+    return mean, (var + eps).rsqrt()
+
+
+def _per_channel(per_group: Tensor, channels: int) -> Tensor:
+    """(N, G) -> (N, C), each group's value repeated over its channels."""
+    return per_group.repeat_interleave(channels // per_group.shape[1], dim=1)
+
+
+def _affine(mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+            channels: int) -> tuple[Tensor, Tensor]:
+    """Per sample and channel, (scale, shift) with norm(x) = x * scale + shift."""
+    scale = _per_channel(rstd, channels)
+    shift = -_per_channel(mean, channels) * scale
+    if weight is not None:
+        shift = shift * weight + bias
+        scale = scale * weight
+    return scale, shift
+
+
+class _GroupNormRows(torch.autograd.Function):
+    """GroupNorm of (N, P, C) rows (the channels-last 6D tensor's storage) with a
+    hand-written backward.
+
+    Autograd through the forward's pieces (sums, per-sample ``addcmul``, ``stack``)
+    made about ten passes over the activation in the backward. The gradient here needs
+    two chunked reductions (sums of g and g * x per channel) and one pass writing
+    dx = alpha * g + beta * x + gamma with per-sample, per-channel coefficients:
+    with xhat = (x - mean) * rstd and M the elements of a group,
+    dx = rstd * (w g - mean_M(w g) - xhat * mean_M(w g xhat)).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, weight: Tensor | None, bias: Tensor | None,
+                groups: int, eps: float) -> Tensor:
+        n, _, channels = flat.shape
+        mean, rstd = _group_statistics(flat, groups, eps)
+        scale, shift = _affine(mean, rstd, weight, bias, channels)
+        out = torch.empty_like(flat)
+        for i in range(n):
+            torch.addcmul(shift[i], flat[i], scale[i], out=out[i])
+        ctx.groups = groups
+        ctx.affine = weight is not None
+        ctx.save_for_backward(flat, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        flat, weight, mean, rstd = ctx.saved_tensors
+        n, positions, channels = flat.shape
+        groups = ctx.groups
+        count = positions * (channels // groups)
+        grad = grad.contiguous()
+        grad_sums, grad_x_sums = _channel_sums(grad, flat)
+        mean_c, rstd_c = _per_channel(mean, channels), _per_channel(rstd, channels)
+        # Per channel: sum of g * xhat.
+        grad_xhat_sums = (grad_x_sums - mean_c * grad_sums) * rstd_c
+        w = weight if ctx.affine else torch.ones_like(grad_sums[0])
+        a = (w * grad_sums).view(n, groups, -1).sum(dim=2) / count  # mean_M(w g)
+        b = (w * grad_xhat_sums).view(n, groups, -1).sum(dim=2) / count  # mean_M(w g xhat)
+        alpha = rstd_c * w
+        beta = _per_channel(-rstd * rstd * b, channels)
+        gamma = _per_channel(rstd * (rstd * b * mean - a), channels)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.empty_like(flat)
+            for i in range(n):
+                torch.addcmul(gamma[i], flat[i], beta[i], out=grad_input[i])
+                grad_input[i].addcmul_(grad[i], alpha[i])
+        grad_weight = grad_xhat_sums.sum(dim=0) if ctx.affine else None
+        grad_bias = grad_sums.sum(dim=0) if ctx.affine else None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def group_norm_6d_reference(x: Tensor, num_groups: int, weight: Tensor | None,
