@@ -99,7 +99,9 @@ def test_hsnet_logits_match_reference(name, size, shots) -> None:
     assert error <= 1e-4 * expected.abs().max().item()  # relative, too: logits are small here
 
 
-def test_hsnet_training_gradients_match_reference() -> None:
+def test_hsnet_training_gradients_match_reference(monkeypatch) -> None:
+    """Training reads the masked levels as support boxes too; its gradients are the
+    straightforward implementation's."""
     model = _hsnet("resnet18")
     model.train()
     generator = torch.Generator().manual_seed(5)
@@ -108,9 +110,11 @@ def test_hsnet_training_gradients_match_reference() -> None:
     masks = _box_masks(2, 2, 64)
     target = torch.zeros(2, 64, 64, dtype=torch.long)
     target[:, 20:40, 10:50] = 1
+    calls = spy_on_fast_kernels(monkeypatch)
     try:
         loss = model.training_loss(query, supports, masks, target)["loss"]
         fast = torch.autograd.grad(loss, model.trainable_parameters())
+        assert calls["fss.ops.conv4d._boxed_conv"] > 0
         with fast_paths(False):
             reference_loss = model.training_loss(query, supports, masks, target)["loss"]
         expected = torch.autograd.grad(reference_loss, model.trainable_parameters())

@@ -173,9 +173,14 @@ def test_boxed_correlation_conv_matches_dense(impl, kernel, stride) -> None:
     # The empty support sees only zeros: both branches give their bias.
     bias = (module.conv1.bias + module.conv2.bias).detach()
     torch.testing.assert_close(got[-1], bias.view(-1, 1, 1, 1, 1).expand_as(got[-1]))
-    if impl == "fast":
-        with pytest.raises(RuntimeError, match="for inference"):
-            module(boxed)  # autograd on: a boxed level cannot be trained through
+    # Training reads the boxes too: the weights' and biases' gradients equal the dense
+    # level's (all four, through a loss that weighs every output position differently).
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(center_pivot_conv4d(boxed, *_weights(module), impl=impl),
+                              list(module.parameters()), grad)
+    want = torch.autograd.grad(_reference(module, dense), list(module.parameters()), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

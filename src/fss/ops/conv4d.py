@@ -22,7 +22,7 @@ layout. The hypercorrelation pyramid arrives *support-last* (N, Ha, Wa, C, Hb, W
 support branch's NCHW input is a view too; any other layout is copied once into
 channels-last 6D. Only the query branch copies its input: the support positions it needs
 (1/stride² of them) are gathered into a channels-last batch. Two more branches are chosen
-by the input, both exact: a :class:`~fss.ops.correlation.BoxedCorrelation` (inference) is
+by the input, both exact: a :class:`~fss.ops.correlation.BoxedCorrelation` (inference and training) is
 convolved only where its support boxes reach; support maps that every kernel window covers
 whole (2x2 maps under a 3x3 kernel) run the support branch as one matrix product.
 """
@@ -81,7 +81,7 @@ def center_pivot_conv4d(
 
     query_weight (C_out, C, k, k) / query_bias: the kernel's query slice (stride 1);
     support_weight / support_bias: its support slice (stride ``support_stride``); k odd.
-    ``x`` may be in any memory layout, or a :class:`BoxedCorrelation` (inference only).
+    ``x`` may be in any memory layout, or a :class:`BoxedCorrelation`.
     ``fast`` returns channels-last 6D; ``matrix_cache`` keeps the support branch's matrix
     between inference calls (see :class:`SupportMatrixCache`). ``reference`` returns a
     contiguous tensor.
@@ -157,9 +157,21 @@ def _conv2d(maps: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) 
     (torch 2.14 / oneDNN) returns NaN, inf or wrong weight gradients in 20-100 % of calls
     when the stride exceeds the input; fp32 is unaffected (tests/ops/test_conv4d.py).
     """
+    return F.conv2d(maps, weight, bias, _strides(stride, maps), padding)
+
+
+def _strides(stride, maps: Tensor) -> tuple[int, int]:
+    """:func:`_conv2d`'s strides: at most the map's size along each dimension."""
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    strides = tuple(min(s, size) for s, size in zip(strides, maps.shape[-2:], strict=True))
-    return F.conv2d(maps, weight, bias, strides, padding)
+    return tuple(min(s, size) for s, size in zip(strides, maps.shape[-2:], strict=True))
+
+
+def _weight_gradient(grad: Tensor, maps: Tensor, weight: Tensor, stride, padding: int
+                     ) -> Tensor:
+    """The gradient of :func:`_conv2d`'s weight alone, for output gradient ``grad``."""
+    return torch.ops.aten.convolution_backward(
+        grad, maps, weight, None, list(_strides(stride, maps)), [padding, padding], [1, 1],
+        False, [0, 0], 1, [False, True, False])[1]
 
 
 def _windows_reaching(
@@ -184,11 +196,26 @@ def _boxed_conv(level: BoxedCorrelation, query_weight: Tensor, query_bias: Tenso
     ``query_bias + support_bias`` and the two branches' bias-free convolutions are added
     where the box reaches: the support branch over the box padded with zeros to whole
     windows, the query branch at the pivots inside the box.
+
+    Under autograd (training the learner; the correlation itself needs no gradient) the
+    weights' gradients come from the same boxes (:class:`_BoxedConv`), so training reads
+    the level as boxes too.
     """
     if torch.is_grad_enabled() and any(
             p.requires_grad for p in (query_weight, query_bias, support_weight, support_bias)):
-        raise RuntimeError("a BoxedCorrelation is for inference: build the dense "
-                           "correlation (hypercorrelation_pyramid(boxed=False)) to train")
+        return _BoxedConv.apply(level, query_weight, query_bias, support_weight,
+                                support_bias, stride)
+    return _boxed_conv_forward(level, query_weight, query_bias, support_weight,
+                               support_bias, stride, None)
+
+
+def _boxed_conv_forward(level: BoxedCorrelation, query_weight: Tensor, query_bias: Tensor,
+                        support_weight: Tensor, support_bias: Tensor, stride: int,
+                        saved: list | None) -> Tensor:
+    """:func:`_boxed_conv`'s values. With ``saved`` (a list), each branch's conv input and
+    output region are appended to it for the weights' gradients, and the support branch
+    runs channels-last (oneDNN's weight gradient on the few-channel NCHW maps took 3.3x
+    as long)."""
     n, channels, ha, wa, hb, wb = level.shape
     kernel = support_weight.shape[-1]
     padding = kernel // 2
@@ -196,50 +223,122 @@ def _boxed_conv(level: BoxedCorrelation, query_weight: Tensor, query_bias: Tenso
     dtype = level.dtype
     if torch.is_autocast_enabled(level.device.type):
         dtype = torch.get_autocast_dtype(level.device.type)
-    support_weight = support_weight.to(dtype)
-    query_weight = query_weight.to(dtype).contiguous(memory_format=torch.channels_last)
-    out_channels = query_weight.shape[0]
-    out = torch.empty(n, ha, wa, hb_out, wb_out, out_channels, dtype=dtype,
-                      device=level.device)
-    out.copy_((query_bias + support_bias).to(dtype).expand_as(out))
-    for pair, (box, values) in enumerate(zip(level.boxes, level.values, strict=True)):
-        if values is None:
-            continue
-        values = values.to(dtype)
-        top, bottom, left, right = box
-        # Support branch: the output rows / columns whose windows reach the box.
-        rows = _windows_reaching(top, bottom, kernel, padding, stride, hb_out)
-        columns = _windows_reaching(left, right, kernel, padding, stride, wb_out)
-        if rows[1] > rows[0] and columns[1] > columns[0]:
-            # The box inside zeros that span exactly those windows (negative padding
-            # crops box rows no window covers).
-            first_row = stride * rows[0] - padding
-            last_row = stride * (rows[1] - 1) - padding + kernel  # exclusive
-            first_col = stride * columns[0] - padding
-            last_col = stride * (columns[1] - 1) - padding + kernel
-            maps = values.view(ha * wa, channels, bottom - top, right - left)
-            maps = F.pad(maps, (left - first_col, last_col - right,
-                                top - first_row, last_row - bottom))
-            support = _conv2d(maps, support_weight, None, stride, 0)
-            region = out[pair, :, :, rows[0] : rows[1], columns[0] : columns[1]]
-            region += support.view(ha, wa, out_channels, *support.shape[-2:]).permute(
-                0, 1, 3, 4, 2)
-        # Query branch: the pivots inside the box.
-        pivot_rows = (math.ceil(top / stride), math.ceil(bottom / stride))
-        pivot_cols = (math.ceil(left / stride), math.ceil(right / stride))
-        count_rows = pivot_rows[1] - pivot_rows[0]
-        count_cols = pivot_cols[1] - pivot_cols[0]
-        if count_rows > 0 and count_cols > 0:
-            pivots = values[..., stride * pivot_rows[0] - top :: stride,
-                            stride * pivot_cols[0] - left :: stride]
-            maps = pivots.permute(3, 4, 0, 1, 2).contiguous()  # (rows, cols, ha, wa, C)
-            maps = maps.view(-1, ha, wa, channels).permute(0, 3, 1, 2)
-            query = _conv2d(maps, query_weight, None, 1, padding)
-            query = query.permute(0, 2, 3, 1).view(count_rows, count_cols, ha, wa, -1)
-            region = out[pair, :, :, pivot_rows[0] : pivot_rows[1],
-                         pivot_cols[0] : pivot_cols[1]]
-            region += query.permute(2, 3, 0, 1, 4)
+    with torch.no_grad():
+        support_weight = support_weight.to(dtype)
+        query_weight = query_weight.to(dtype).contiguous(memory_format=torch.channels_last)
+        if saved is not None:
+            support_weight = support_weight.contiguous(memory_format=torch.channels_last)
+        out_channels = query_weight.shape[0]
+        out = torch.empty(n, ha, wa, hb_out, wb_out, out_channels, dtype=dtype,
+                          device=level.device)
+        out.copy_((query_bias + support_bias).to(dtype).expand_as(out))
+        for pair, (box, values) in enumerate(zip(level.boxes, level.values, strict=True)):
+            if values is None:
+                continue
+            values = values.to(dtype)
+            top, bottom, left, right = box
+            # Support branch: the output rows / columns whose windows reach the box.
+            rows = _windows_reaching(top, bottom, kernel, padding, stride, hb_out)
+            columns = _windows_reaching(left, right, kernel, padding, stride, wb_out)
+            if rows[1] > rows[0] and columns[1] > columns[0]:
+                # The box inside zeros that span exactly those windows (negative padding
+                # crops box rows no window covers).
+                first_row = stride * rows[0] - padding
+                last_row = stride * (rows[1] - 1) - padding + kernel  # exclusive
+                first_col = stride * columns[0] - padding
+                last_col = stride * (columns[1] - 1) - padding + kernel
+                maps = values.view(ha * wa, channels, bottom - top, right - left)
+                maps = F.pad(maps, (left - first_col, last_col - right,
+                                    top - first_row, last_row - bottom))
+                if saved is not None:
+                    maps = maps.contiguous(memory_format=torch.channels_last)
+                    saved.append(("support", pair, rows, columns, maps))
+                support = _conv2d(maps, support_weight, None, stride, 0)
+                region = out[pair, :, :, rows[0] : rows[1], columns[0] : columns[1]]
+                region += support.view(ha, wa, out_channels, *support.shape[-2:]).permute(
+                    0, 1, 3, 4, 2)
+            # Query branch: the pivots inside the box.
+            pivot_rows = (math.ceil(top / stride), math.ceil(bottom / stride))
+            pivot_cols = (math.ceil(left / stride), math.ceil(right / stride))
+            count_rows = pivot_rows[1] - pivot_rows[0]
+            count_cols = pivot_cols[1] - pivot_cols[0]
+            if count_rows > 0 and count_cols > 0:
+                pivots = values[..., stride * pivot_rows[0] - top :: stride,
+                                stride * pivot_cols[0] - left :: stride]
+                maps = pivots.permute(3, 4, 0, 1, 2).contiguous()  # (rows, cols, ha, wa, C)
+                maps = maps.view(-1, ha, wa, channels).permute(0, 3, 1, 2)
+                if saved is not None:
+                    saved.append(("query", pair, pivot_rows, pivot_cols, maps))
+                query = _conv2d(maps, query_weight, None, 1, padding)
+                query = query.permute(0, 2, 3, 1).view(count_rows, count_cols, ha, wa, -1)
+                region = out[pair, :, :, pivot_rows[0] : pivot_rows[1],
+                             pivot_cols[0] : pivot_cols[1]]
+                region += query.permute(2, 3, 0, 1, 4)
     return out.permute(0, 5, 1, 2, 3, 4)
+
+
+class _BoxedConv(torch.autograd.Function):
+    """:func:`_boxed_conv` with the weights' and biases' gradients (the level has none).
+
+    Each bias reaches every output position: its gradient is the output gradient summed
+    over positions. Each weight's gradient is the sum over pairs of its branch's weight
+    gradient, from the output gradient inside the region that branch wrote and the conv
+    input kept in the forward pass (the box-sized maps, not the dense level).
+    """
+
+    @staticmethod
+    def forward(ctx, level: BoxedCorrelation, query_weight: Tensor, query_bias: Tensor,
+                support_weight: Tensor, support_bias: Tensor, stride: int) -> Tensor:
+        saved: list = []
+        out = _boxed_conv_forward(level, query_weight, query_bias, support_weight,
+                                  support_bias, stride, saved)
+        ctx.inputs = saved
+        ctx.stride = stride
+        ctx.save_for_backward(query_weight, support_weight)
+        ctx.bias_dtypes = (query_bias.dtype, support_bias.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        query_weight, support_weight = ctx.saved_tensors
+        grad = grad.permute(0, 2, 3, 4, 5, 1)  # (N, Ha, Wa, Hb', Wb', C_out)
+        n, ha, wa, _, _, out_channels = grad.shape
+        kernel = support_weight.shape[-1]
+        grads = {"query": None, "support": None}
+        weights = {"query": query_weight.to(grad.dtype).contiguous(
+                       memory_format=torch.channels_last),
+                   "support": support_weight.to(grad.dtype).contiguous(
+                       memory_format=torch.channels_last)}
+        for branch, pair, rows, columns, maps in ctx.inputs:
+            region = grad[pair, :, :, rows[0] : rows[1], columns[0] : columns[1]]
+            if branch == "support":  # conv output (Ha·Wa, C_out, rows, cols), channels-last
+                region = region.reshape(ha * wa, rows[1] - rows[0], columns[1] - columns[0],
+                                        out_channels)
+                stride, padding = ctx.stride, 0
+            else:  # conv output (rows·cols, C_out, Ha, Wa), channels-last
+                region = region.permute(2, 3, 0, 1, 4).reshape(-1, ha, wa, out_channels)
+                stride, padding = 1, kernel // 2
+            gradient = _weight_gradient(region.permute(0, 3, 1, 2), maps, weights[branch],
+                                        stride, padding)
+            grads[branch] = gradient if grads[branch] is None else grads[branch] + gradient
+        query_dtype, support_dtype = ctx.bias_dtypes
+        bias_gradient = torch.sum(grad, dim=(0, 1, 2, 3, 4), dtype=query_dtype)
+        outputs = [None,
+                   _or_zeros(grads["query"], query_weight),
+                   bias_gradient.to(query_dtype),
+                   _or_zeros(grads["support"], support_weight),
+                   bias_gradient.to(support_dtype),
+                   None]
+        return tuple(g if needed else None
+                     for g, needed in zip(outputs, ctx.needs_input_grad, strict=True))
+
+
+def _or_zeros(gradient: Tensor | None, weight: Tensor) -> Tensor:
+    """A weight's gradient in its dtype and layout; zeros where no pair reached it."""
+    if gradient is None:
+        return torch.zeros_like(weight)
+    return gradient.to(weight.dtype).contiguous()
 
 
 def _support_branch(x: Tensor, weight: Tensor, bias: Tensor, stride: int,

@@ -183,7 +183,7 @@ def test_single_layer_model_correlates_the_chosen_taps(monkeypatch):
         expected = hypercorrelation_pyramid(query_taps, support_taps, [2, 3, 4])
     assert [level.shape[1] for level in captured[0]] == [1, 1, 1]
     for level, expected_level in zip(captured[0], expected, strict=True):
-        if isinstance(level, BoxedCorrelation):  # inference keeps masked-out levels as boxes
+        if isinstance(level, BoxedCorrelation):  # masked-out levels arrive as boxes
             level = level.to_dense()
         torch.testing.assert_close(level, expected_level)
 

@@ -52,7 +52,7 @@ class CenterPivotConv4d(nn.Module):
         self.support_matrices = SupportMatrixCache()  # not a submodule: no state-dict keys
 
     def forward(self, x: Tensor | BoxedCorrelation) -> Tensor:
-        """x (N, C, Ha, Wa, Hb, Wb), or its :class:`BoxedCorrelation` in inference ->
+        """x (N, C, Ha, Wa, Hb, Wb), or its :class:`BoxedCorrelation` ->
         (N, C_out, Ha, Wa, ceil(Hb/s), ceil(Wb/s))."""
         return center_pivot_conv4d(
             x, self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,

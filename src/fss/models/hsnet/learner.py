@@ -111,8 +111,8 @@ class HypercorrelationLearner(nn.Module):
 
     def forward(self, pyramid: list[Tensor]) -> Tensor:
         """pyramid [l4, l3, l2] (deepest first; fewer levels for the pyramid ablation), each
-        (N, n_l, ha_l, wa_l, hb_l, wb_l) or, in inference, its
-        :class:`~fss.models.hsnet.correlation.BoxedCorrelation` -> logits (N, 2, 2·ha, 2·wa) of the finest level."""
+        (N, n_l, ha_l, wa_l, hb_l, wb_l) or its
+        :class:`~fss.ops.correlation.BoxedCorrelation` -> logits (N, 2, 2·ha, 2·wa) of the finest level."""
         if len(pyramid) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} pyramid levels, got {len(pyramid)}")
         squeezed = [self._squeeze(getattr(self, name), level)

@@ -123,9 +123,10 @@ class HSNet(nn.Module):
         """:meth:`per_shot_logits` of a checked episode (``masks`` in the images' dtype)."""
         with ops_fast_paths(self.fast_paths):
             batch, shots, _, height, width = support_imgs.shape
-            # Without autograd the learner's first 4D convs read partly masked-out levels as
-            # boxes (fss.ops.correlation.BoxedCorrelation) instead of mostly-zero tensors.
-            boxed = not torch.is_grad_enabled()
+            # The learner's first 4D convs read partly masked-out levels as boxes
+            # (fss.ops.correlation.BoxedCorrelation) instead of mostly-zero tensors, in
+            # inference and in training.
+            boxed = True
             support_imgs = support_imgs.flatten(0, 1)
             support_masks = masks.flatten(0, 1)
             # The backbone is frozen: no graph through it, which saves most of the memory.
