@@ -17,6 +17,7 @@ from fss.ops.conv4d import (
     group_norm_6d_reference,
     is_channels_last_6d,
     resize_query_dims,
+    support_matrix,
     windows_cover,
 )
 from fss.ops.correlation import BoxedCorrelation, hypercorrelation_pyramid
@@ -126,6 +127,28 @@ def test_small_support_maps_as_one_matrix_match_reference(kernel, stride, suppor
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not windows_cover(4, 4, 3, 2)  # squeeze: windows differ
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"),
+                         [(3, 1, (2, 2)), (3, 2, (1, 2)), (5, 1, (3, 3)), (3, 2, (4, 5)),
+                          (5, 4, (6, 7)), (3, 1, (1, 1))])
+def test_support_matrix_is_the_convolution_of_the_one_hot_basis(kernel, stride, size) -> None:
+    """Row i of the matrix is the (channels-last, flattened) convolution of the i-th
+    one-hot map, for any map size, kernel and stride, covering or not; gradients too."""
+    torch.manual_seed(kernel * stride)
+    weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64)
+    hb, wb = size
+    matrix, repeated_bias = support_matrix(weight, bias, hb, wb, stride, torch.float64)
+    basis = torch.eye(hb * wb * 3, dtype=torch.float64).view(-1, hb, wb, 3).permute(0, 3, 1, 2)
+    images = F.conv2d(basis, weight, None, stride, kernel // 2)
+    expected = images.permute(0, 2, 3, 1).reshape(hb * wb * 3, -1)
+    assert torch.equal(matrix, expected)
+    assert torch.equal(repeated_bias, bias.repeat(images.shape[-2] * images.shape[-1]))
+    grad = torch.randn_like(matrix)
+    torch.testing.assert_close(torch.autograd.grad(matrix, weight, grad)[0],
+                               torch.autograd.grad(expected, weight, grad)[0],
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_support_matrix_cache_works_without_a_module() -> None:

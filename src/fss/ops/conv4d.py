@@ -396,17 +396,38 @@ def support_matrix(weight: Tensor, bias: Tensor, hb: int, wb: int, stride: int,
     (hb·wb·C_in, hb'·wb'·C_out) matrix over flattened channels-last maps, and the bias
     repeated per output position.
 
-    The matrix is the convolution of the one-hot basis maps, so it is exact for any
-    kernel, stride and padding, and differentiable.
+    Block (input position, output position) of the matrix is the transposed kernel tap
+    that connects them, or zeros where the window misses the input position
+    (:func:`_tap_table`). Built by indexing the weight, so it is exact for any kernel,
+    stride and padding, and differentiable: its backward sums the matrix gradient's
+    blocks per tap (building it as the convolution of the one-hot basis maps cost a
+    convolution and its backward per training step).
     """
-    channels = weight.shape[1]
-    size = hb * wb * channels
-    basis = torch.eye(size, dtype=dtype, device=weight.device)
-    basis = basis.view(size, hb, wb, channels).permute(0, 3, 1, 2)
-    images = _conv2d(basis, weight.to(dtype), None, stride, weight.shape[-1] // 2)
-    positions = images.shape[-2] * images.shape[-1]
-    matrix = images.permute(0, 2, 3, 1).reshape(size, -1)
-    return matrix, bias.to(dtype).repeat(positions)
+    out_channels, channels, kernel, _ = weight.shape
+    taps = weight.to(dtype).permute(2, 3, 1, 0).reshape(kernel * kernel, channels, out_channels)
+    taps = torch.cat([taps, taps.new_zeros(1, channels, out_channels)])  # last: no tap
+    table = _tap_table(hb, wb, kernel, stride, weight.device)  # (P_in, P_out)
+    blocks = taps[table]  # (P_in, P_out, C_in, C_out)
+    matrix = blocks.permute(0, 2, 1, 3).reshape(hb * wb * channels, -1)
+    return matrix, bias.to(dtype).repeat(table.shape[1])
+
+
+def _tap_table(hb: int, wb: int, kernel: int, stride: int, device: torch.device) -> Tensor:
+    """(hb·wb, hb'·wb') index of the kernel tap (ky·k + kx) through which each input
+    position reaches each output position of a (kernel, stride, padding kernel // 2) conv;
+    k² where it does not."""
+    padding = kernel // 2
+
+    def offsets(size: int) -> Tensor:  # (size, outputs): tap index along one dim, or -1
+        outputs = math.ceil(size / stride)
+        offset = (torch.arange(size).view(-1, 1) - (torch.arange(outputs) * stride - padding))
+        return torch.where((offset >= 0) & (offset < kernel), offset, -1)
+
+    rows, columns = offsets(hb), offsets(wb)
+    ty = rows.view(hb, 1, -1, 1)
+    tx = columns.view(1, wb, 1, -1)
+    table = torch.where((ty >= 0) & (tx >= 0), ty * kernel + tx, kernel * kernel)
+    return table.reshape(hb * wb, -1).to(device)
 
 
 class SupportMatrixCache:
