@@ -103,6 +103,7 @@ def test_hsnet_training_gradients_match_reference(monkeypatch) -> None:
     """Training reads the masked levels as support boxes too; its gradients are the
     straightforward implementation's."""
     model = _hsnet("resnet18")
+    monkeypatch.setattr("fss.ops.correlation.BOXED_MIN_POSITIONS", 0)  # boxes at 64² too
     model.train()
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(2, 3, 64, 64, generator=generator)
@@ -126,6 +127,7 @@ def test_hsnet_training_gradients_match_reference(monkeypatch) -> None:
 
 
 def test_switch_off_runs_no_fast_kernel_in_hsnet(monkeypatch) -> None:
+    monkeypatch.setattr("fss.ops.correlation.BOXED_MIN_POSITIONS", 0)  # boxes at 64² too
     model = _hsnet("resnet18")
     query, supports, masks = _hsnet_episode(64, 2)
     calls = spy_on_fast_kernels(monkeypatch)

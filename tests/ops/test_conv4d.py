@@ -168,9 +168,10 @@ _BOXES = [(3, 9, 2, 7), (0, 13, 0, 4), (12, 13, 10, 11), (5, 6, 0, 11), (0, 0, 0
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("kernel", "stride"), [(5, 4), (3, 2), (3, 1), (5, 2)])
-def test_boxed_correlation_conv_matches_dense(impl, kernel, stride) -> None:
-    """The first 4D conv on a level kept as support boxes (inference) equals the conv of
-    the dense level: bias where no window reaches the box, the convolution elsewhere."""
+def test_boxed_correlation_conv_matches_dense(impl, kernel, stride, monkeypatch) -> None:
+    """The first 4D conv on a level kept as support boxes equals the conv of the dense
+    level: bias where no window reaches the box, the convolution elsewhere."""
+    monkeypatch.setattr("fss.ops.correlation.BOXED_MIN_POSITIONS", 0)  # a small level
     torch.manual_seed(kernel * 10 + stride)
     hb, wb = 13, 11
     shots = len(_BOXES)

@@ -111,7 +111,8 @@ def test_correlation_product_matches_matmul(positions) -> None:
     torch.testing.assert_close(got, query @ support, rtol=1e-5, atol=1e-4)
 
 
-def test_boxed_levels_only_where_supports_are_masked() -> None:
+def test_boxed_levels_only_where_supports_are_masked(monkeypatch) -> None:
+    monkeypatch.setattr("fss.ops.correlation.BOXED_MIN_POSITIONS", 0)
     query = [torch.randn(1, 4, 6, 6)]
     full = [torch.randn(2, 4, 6, 6)]
     with torch.no_grad():
@@ -123,3 +124,21 @@ def test_boxed_levels_only_where_supports_are_masked() -> None:
         for impl in ("reference", "fast_accelerator"):  # boxes on the CPU branch only
             level = hypercorrelation_pyramid(query, masked, [2], boxed=True, impl=impl)[0]
             assert isinstance(level, torch.Tensor)
+
+
+def test_small_levels_stay_dense_large_ones_become_boxes() -> None:
+    """The default size rule: a partly masked level of fewer than BOXED_MIN_POSITIONS
+    (query x support positions) stays a dense tensor, where the boxed conv's per-pair work
+    costs more than it saves; from that size on it is kept as boxes."""
+    from fss.ops.correlation import BOXED_MIN_POSITIONS
+
+    side = round(BOXED_MIN_POSITIONS ** 0.25)
+    assert side**4 == BOXED_MIN_POSITIONS
+    keep = (torch.arange(side) < side // 2).float().view(1, 1, side, 1)
+    with torch.no_grad():
+        large = hypercorrelation_pyramid([torch.randn(1, 2, side, side)],
+                                         [torch.randn(1, 2, side, side) * keep], [2], boxed=True)
+        small = hypercorrelation_pyramid([torch.randn(1, 2, side, side - 1)],
+                                         [torch.randn(1, 2, side, side) * keep], [2], boxed=True)
+    assert isinstance(large[0], BoxedCorrelation)
+    assert isinstance(small[0], torch.Tensor)

@@ -11,7 +11,8 @@ Implementations (:func:`hypercorrelation_pyramid`'s ``impl``):
 - ``fast_cpu``: without autograd, every (layer, shot) product is one GEMM (a oneDNN 1x1
   convolution or ``torch.mm``, as measured per machine: :mod:`fss.ops.calibration`) clamped into its slot of a support-last level;
   only the bounding box of a support's non-zero (unmasked) positions is multiplied, and
-  with ``boxed=True`` a partly masked level is returned as a :class:`BoxedCorrelation`.
+  with ``boxed=True`` a partly masked level of ``BOXED_MIN_POSITIONS`` or more positions
+  is returned as a :class:`BoxedCorrelation`.
 - ``fast_accelerator``: one batched matmul per layer, each query against its K supports
   without copying the query; no host synchronisation.
 - ``fast`` (the switch's default): ``fast_cpu`` on a CPU without autograd, else
@@ -36,6 +37,14 @@ from fss.ops.matmul import matmul_as_conv
 # support vectors give a zero correlation instead of NaN.
 NORM_EPS = 1e-5
 IMPLS = DEVICE_IMPLS
+# Smallest level (query positions x support positions, ha·wa·hb·wb) kept as support boxes
+# with ``boxed=True``. Below it the per-pair convolutions of the boxed first 4D conv cost
+# more than the dense level they save. Measured on the AVX2 machine, alternated in one
+# process: HSNet R50 400², boxes at level 2 (50⁴ = 6.25M): 1-shot inference 0.93, training
+# step 0.90 of the dense time; level 3 (25⁴ = 390k): 1.01 inference, 1.00 training,
+# 1.00 5-shot; resnet18 112² (level 2: 14⁴ = 38k): inference (batch 16) 1.02, training
+# (batch 8) 1.04, i.e. slower.
+BOXED_MIN_POSITIONS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ def hypercorrelation_pyramid(
         tap_groups: pyramid level of each tap.
         boxed: on the in-place CPU path, return a level whose supports are partly masked
             out as a :class:`BoxedCorrelation` (for the learner's center-pivot conv, which
-            reads it directly) instead of a dense tensor that is mostly zeros.
+            reads it directly) instead of a dense tensor that is mostly zeros, when the
+            level has at least ``BOXED_MIN_POSITIONS`` positions per layer.
         impl: ``fast``, ``fast_cpu``, ``fast_accelerator`` or ``reference`` (see the
             module docstring); default after :func:`fss.ops.use_fast_paths`.
     Returns:
@@ -183,7 +193,7 @@ def _level_in_place(
     boxes = [[box if worth_pruning(box, hb, wb) else full for box in layer_boxes]
              for layer_boxes in boxes]
     pruned = any(box != full for layer_boxes in boxes for box in layer_boxes)
-    if boxed and pruned:
+    if boxed and pruned and ha * wa * hb * wb >= BOXED_MIN_POSITIONS:
         pair_boxes = [union_box(of_pair) for of_pair in zip(*boxes, strict=True)]
         return _boxed_level(normalised, pair_boxes, (pairs, layers, ha, wa, hb, wb), shots)
     out = (query_taps[0].new_zeros if pruned else query_taps[0].new_empty)(
