@@ -497,12 +497,21 @@ def _group_norm_channels_last(x: Tensor, groups: int, weight: Tensor | None,
             t is not None and t.requires_grad for t in (flat, weight, bias)):
         out = _GroupNormRows.apply(flat, weight, bias, groups, eps)
     else:
-        mean, rstd = _group_statistics(flat, groups, eps)
-        scale, shift = _affine(mean, rstd, weight, bias, channels)
         out = flat if inplace else torch.empty_like(flat)
-        for i in range(n):
-            torch.addcmul(shift[i], flat[i], scale[i], out=out[i])
+        _group_norm_rows(flat, groups, weight, bias, eps, out)
     return out.view(n, *x.shape[2:], channels).permute(0, 5, 1, 2, 3, 4)
+
+
+def _group_norm_rows(flat: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
+                     eps: float, out: Tensor) -> tuple[Tensor, Tensor]:
+    """GroupNorm of (N, P, C) rows written into ``out`` (``flat`` itself for in place);
+    returns the per-group (mean, rstd)."""
+    mean, rstd = _group_statistics(flat, groups, eps)
+    scale, shift = _affine(mean, rstd, weight, bias, flat.shape[2])
+    # Per-sample 2D addcmul: the 3D broadcast form was several times slower on CPU.
+    for i in range(flat.shape[0]):
+        torch.addcmul(shift[i], flat[i], scale[i], out=out[i])
+    return mean, rstd
 
 
 def _channel_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -565,12 +574,8 @@ class _GroupNormRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor, weight: Tensor | None, bias: Tensor | None,
                 groups: int, eps: float) -> Tensor:
-        n, _, channels = flat.shape
-        mean, rstd = _group_statistics(flat, groups, eps)
-        scale, shift = _affine(mean, rstd, weight, bias, channels)
         out = torch.empty_like(flat)
-        for i in range(n):
-            torch.addcmul(shift[i], flat[i], scale[i], out=out[i])
+        mean, rstd = _group_norm_rows(flat, groups, weight, bias, eps, out)
         ctx.groups = groups
         ctx.affine = weight is not None
         ctx.save_for_backward(flat, weight, mean, rstd)

@@ -123,10 +123,6 @@ class HSNet(nn.Module):
         """:meth:`per_shot_logits` of a checked episode (``masks`` in the images' dtype)."""
         with ops_fast_paths(self.fast_paths):
             batch, shots, _, height, width = support_imgs.shape
-            # The learner's first 4D convs read partly masked-out levels as boxes
-            # (fss.ops.correlation.BoxedCorrelation) instead of mostly-zero tensors, in
-            # inference and in training.
-            boxed = True
             support_imgs = support_imgs.flatten(0, 1)
             support_masks = masks.flatten(0, 1)
             # The backbone is frozen: no graph through it, which saves most of the memory.
@@ -134,8 +130,11 @@ class HSNet(nn.Module):
                 query_features, support_features = self._encode(query_img, support_imgs)
                 if self.use_support_mask:
                     support_features = mask_features(support_features, support_masks)
+                # The learner's first 4D convs read large, partly masked-out levels as
+                # boxes (fss.ops.correlation.BoxedCorrelation) instead of mostly-zero
+                # tensors, in inference and in training.
                 pyramid = hypercorrelation_pyramid(
-                    query_features, support_features, self.tap_groups, boxed=boxed)
+                    query_features, support_features, self.tap_groups, boxed=True)
             logits = self.learner(pyramid)  # (B*K, 2, H/4, W/4)
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
             return logits.view(batch, shots, 2, height, width)
