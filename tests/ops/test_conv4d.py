@@ -372,3 +372,45 @@ def test_groupnorm6d_hand_written_backward_matches_autograd(affine) -> None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     small = torch.randn(2, 8, 3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: norm(channels_last_6d(t)), (small,))
+
+
+def _node_names(output: torch.Tensor) -> set[str]:
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize(("kernel", "stride", "support"),
+                         [(5, 4, (13, 11)), (3, 2, (4, 4)), (3, 2, (7, 1)), (3, 1, (5, 4))])
+def test_level_gradient_from_one_node_equals_the_two_node_graph(kernel, stride, support,
+                                                                monkeypatch) -> None:
+    """Under autograd the support branch and the query branch's pivot gather are one node:
+    the pivot maps' gradient is added in place at the pivots of the support branch's input
+    gradient, instead of autograd's zero-filled level-sized tensor and a second sum. Each
+    sum keeps its two terms, so every gradient equals the two-node graph's bit for bit."""
+    import fss.ops.conv4d as conv4d_ops
+
+    torch.manual_seed(kernel + stride)
+    module = CenterPivotConv4d(6, 12, kernel, stride)
+    x = channels_last_6d(torch.randn(2, 6, 5, 4, *support))
+    results = {}
+    for one_node in (True, False):
+        if not one_node:
+            monkeypatch.setattr(conv4d_ops, "_one_backward_node", lambda *args: False)
+        level = x.detach().requires_grad_(True)
+        out = center_pivot_conv4d(level, *_weights(module), impl="fast")
+        names = _node_names(out)
+        grads = torch.autograd.grad(out, [level, *module.parameters()],
+                                    torch.linspace(-1, 1, out.numel()).view(out.shape))
+        results[one_node] = (names, out, grads)
+    assert "_SupportBranchAndPivotsBackward" in results[True][0]
+    assert "_SupportBranchAndPivotsBackward" not in results[False][0]
+    assert torch.equal(results[True][1], results[False][1])
+    for got, want in zip(results[True][2], results[False][2], strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert results[True][2][0].abs().sum() > 0

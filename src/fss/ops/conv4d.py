@@ -102,8 +102,14 @@ def center_pivot_conv4d(
     trains = torch.is_grad_enabled() and support_weight.requires_grad
     if not is_channels_last_6d(x) and (trains or not is_support_last_6d(x)):
         x = channels_last_6d(x)
-    support = _support_branch(x, support_weight, support_bias, support_stride, matrix_cache)
-    query = _query_branch(x, query_weight, query_bias, support_stride)
+    if _one_backward_node(x, support_weight, support_stride):
+        support, maps = _SupportBranchAndPivots.apply(x, support_weight, support_bias,
+                                                      support_stride)
+    else:
+        support = _support_branch(x, support_weight, support_bias, support_stride,
+                                  matrix_cache)
+        maps = _pivot_maps(x, support_stride)
+    query = _query_branch(x, maps, query_weight, query_bias, support_stride)
     if support.shape != query.shape:  # impossible with odd k and padding k//2
         raise RuntimeError(f"support branch {tuple(support.shape)} != query branch "
                            f"{tuple(query.shape)}")
@@ -378,6 +384,74 @@ def _support_branch(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
     return out.view(n, ha, wa, -1, hb_out, wb_out).permute(0, 3, 1, 2, 4, 5)
 
 
+def _one_backward_node(x: Tensor, support_weight: Tensor, stride: int) -> bool:
+    """Whether the support branch and the query branch's gather run as one autograd node
+    (:class:`_SupportBranchAndPivots`): a channels-last level that needs its gradient, on
+    the support branch's convolution path, in the weights' dtype (no autocast)."""
+    hb, wb = x.shape[-2:]
+    return (torch.is_grad_enabled() and x.requires_grad and is_channels_last_6d(x)
+            and x.dtype == support_weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not windows_cover(hb, wb, support_weight.shape[-1], stride))
+
+
+class _SupportBranchAndPivots(torch.autograd.Function):
+    """:func:`_support_branch` (convolution path) and :func:`_pivot_maps` of one level, as
+    one autograd node.
+
+    As two nodes, autograd builds the level's gradient from the gather's side as a
+    zero-filled level-sized tensor with the pivot maps' gradient copied in, then adds it
+    to the support branch's input gradient: two passes over the level (at R50 400², level
+    2's second layer: 43 MB each) for a gradient that is non-zero at 1/stride² of the
+    positions. Here the support branch's input gradient is taken as it comes from the
+    convolution's backward, and the pivot maps' gradient is added in place at the pivots
+    only. Each sum has the same two terms as before, so the gradient is bit for bit the
+    same.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, stride: int
+                ) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        return _support_branch(x, weight, bias, stride, None), _pivot_maps(x, stride)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_support: Tensor | None, grad_maps: Tensor | None):
+        x, weight = ctx.saved_tensors
+        stride = ctx.stride
+        n, channels, ha, wa, hb, wb = x.shape
+        out_channels = weight.shape[0]
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = grad_weight = grad_bias = None
+        if grad_support is not None:
+            # The convolution's output gradient (N·Ha·Wa, C_out, Hb', Wb'), channels-last.
+            hb_out, wb_out = grad_support.shape[-2:]
+            rows = grad_support.permute(0, 2, 3, 4, 5, 1).reshape(
+                n * ha * wa, hb_out, wb_out, out_channels).permute(0, 3, 1, 2)
+            maps = x.permute(0, 2, 3, 1, 4, 5).reshape(n * ha * wa, channels, hb, wb)
+            grad_maps_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                rows, maps, weight.contiguous(memory_format=torch.channels_last),
+                [out_channels], list(_strides(stride, maps)), [weight.shape[-1] // 2] * 2,
+                [1, 1], False, [0, 0], 1, [needs_x, needs_weight, needs_bias])
+            if needs_x:
+                grad_x = grad_maps_x.permute(0, 2, 3, 1).reshape(n, ha, wa, hb, wb, channels)
+            if needs_weight:
+                grad_weight = grad_weight.contiguous()
+        if needs_x and grad_maps is not None:
+            # (N·Hb'·Wb', C, Ha, Wa) -> (N, Ha, Wa, Hb', Wb', C), added at the pivots.
+            hb_out, wb_out = math.ceil(hb / stride), math.ceil(wb / stride)
+            pivots = grad_maps.permute(0, 2, 3, 1).reshape(n, hb_out, wb_out, ha, wa, channels)
+            pivots = pivots.permute(0, 3, 4, 1, 2, 5)
+            if grad_x is None:
+                grad_x = x.new_zeros(n, ha, wa, hb, wb, channels)
+            grad_x[:, :, :, ::stride, ::stride].add_(pivots)
+        if grad_x is not None:
+            grad_x = grad_x.permute(0, 5, 1, 2, 3, 4)
+        return grad_x, grad_weight, grad_bias, None
+
+
 def windows_cover(hb: int, wb: int, kernel: int, stride: int) -> bool:
     """Whether every output window of a (kernel, stride, padding kernel // 2) conv covers
     the whole (hb, wb) map: then its dense matrix has no entry the convolution would skip,
@@ -450,19 +524,22 @@ class SupportMatrixCache:
         return entry
 
 
-def _query_branch(x: Tensor, weight: Tensor, bias: Tensor, stride: int) -> Tensor:
-    """The query slice over (Ha, Wa) at the support positions the support branch keeps,
-    channels-last; returned as (N, C_out, Ha, Wa, Hb', Wb') stored (N, Hb', Wb', Ha, Wa,
-    C_out).
-
-    The query slice only contributes where the strided support conv places its outputs:
-    support positions 0, s, 2s, ... (with padding k//2 there are exactly ceil(Hb/s)).
-    """
+def _pivot_maps(x: Tensor, stride: int) -> Tensor:
+    """The query branch's input: the (Ha, Wa) maps at the support positions the support
+    branch keeps (0, s, 2s, ...; with padding k//2 there are exactly ceil(Hb/s)), gathered
+    by one copy into a channels-last batch (N·Hb'·Wb', C, Ha, Wa)."""
     pivots = x[..., ::stride, ::stride] if stride > 1 else x
     n, channels, ha, wa, hb_out, wb_out = pivots.shape
-    # One gather copy into a channels-last batch of (Ha, Wa) maps.
     maps = pivots.permute(0, 4, 5, 2, 3, 1).contiguous()
-    maps = maps.view(n * hb_out * wb_out, ha, wa, channels).permute(0, 3, 1, 2)
+    return maps.view(n * hb_out * wb_out, ha, wa, channels).permute(0, 3, 1, 2)
+
+
+def _query_branch(x: Tensor, maps: Tensor, weight: Tensor, bias: Tensor, stride: int
+                  ) -> Tensor:
+    """The query slice over (Ha, Wa) on ``x``'s :func:`_pivot_maps`, channels-last;
+    returned as (N, C_out, Ha, Wa, Hb', Wb') stored (N, Hb', Wb', Ha, Wa, C_out)."""
+    n, _, ha, wa, hb, wb = x.shape
+    hb_out, wb_out = math.ceil(hb / stride), math.ceil(wb / stride)
     out = _conv2d(maps, weight.contiguous(memory_format=torch.channels_last), bias, 1,
                   weight.shape[-1] // 2)
     out = out.permute(0, 2, 3, 1).reshape(n, hb_out, wb_out, ha, wa, -1)
