@@ -309,3 +309,84 @@ def test_compiled_trainable_parts_match_eager() -> None:
     with torch.inference_mode():
         compiled = model.per_shot_logits(query, supports, masks)
     assert (compiled - eager).abs().max().item() <= LOGIT_TOLERANCE
+
+
+def _learner_inputs(model: HSNet, size: int, shots: int) -> list:
+    """The hypercorrelation pyramid HSNet's learner reads (dense levels), for an episode."""
+    from fss.models.hsnet.correlation import mask_features
+    from fss.ops.correlation import hypercorrelation_pyramid
+
+    generator = torch.Generator().manual_seed(21)
+    query = torch.randn(1, 3, size, size, generator=generator)
+    supports = torch.randn(shots, 3, size, size, generator=generator)
+    masks = _box_masks(1, shots, size).flatten(0, 1)
+    with torch.no_grad():
+        query_features, support_features = model._encode(query.expand(shots, -1, -1, -1),
+                                                         supports)
+        support_features = mask_features(support_features, masks)
+        return hypercorrelation_pyramid(query_features, support_features, model.tap_groups,
+                                        boxed=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_hsnet_learner_traces_as_one_graph(training: bool) -> None:
+    """`model.compile=true` compiles HSNet's learner: dynamo traces its forward (training
+    with autograd, and inference) without a graph break. Breaks came from the product-path
+    lookup, the support-matrix cache's data-pointer key and a strided ``out=`` add; each
+    split the learner into frames that then recompiled per level."""
+    torch.manual_seed(0)
+    model = HSNet("resnet18").train(training)
+    pyramid = _learner_inputs(model, 96, 1)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(training):
+        model.learner(pyramid)  # eager first: fills the support-matrix caches
+        explanation = torch._dynamo.explain(model.learner)(pyramid)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_learner_trains_like_eager(monkeypatch) -> None:
+    """Training steps with the compiled learner: the eager losses and learner gradients,
+    also for a smaller last batch (a recompile), and dense levels for the compiled learner
+    where eager reads boxes. With graph breaks in the 4D conv, its frames recompiled per
+    level under dynamic shapes and inductor raised "cannot determine truth value of
+    Relational" in the first step."""
+    from fss.ops import correlation
+
+    monkeypatch.setattr(correlation, "BOXED_MIN_POSITIONS", 0)  # boxes at 64² too
+    boxed_calls = []
+    original = correlation.hypercorrelation_pyramid
+
+    def spy(*args, boxed=False, **kwargs):
+        boxed_calls.append(boxed)
+        return original(*args, boxed=boxed, **kwargs)
+
+    monkeypatch.setattr("fss.models.hsnet.model.hypercorrelation_pyramid", spy)
+    torch.manual_seed(0)
+    model = HSNet("resnet18").train()
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 3, 64, 64, generator=generator)
+    supports = torch.randn(2, 1, 3, 64, 64, generator=generator)
+    masks = _box_masks(2, 1, 64)
+    target = (torch.rand(2, 64, 64, generator=generator) > 0.5).long()
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            torch._dynamo.reset()
+            assert compile_trainable_children(model) == ["learner"]
+        model.zero_grad(set_to_none=True)
+        loss = model.training_loss(query, supports, masks, target)["loss"]
+        loss.backward()
+        grads = [p.grad.clone() for p in model.learner.parameters()]
+        # An epoch's last, smaller batch: a new shape, a recompile.
+        last = model.training_loss(query[:1], supports[:1], masks[:1], target[:1])["loss"]
+        last.backward()
+        results.append((torch.stack([loss.detach(), last.detach()]), grads))
+    assert boxed_calls == [True, True, False, False]
+    (eager_losses, eager_grads), (compiled_losses, compiled_grads) = results
+    assert (compiled_losses - eager_losses).abs().max().item() <= 1e-5
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

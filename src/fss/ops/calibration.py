@@ -321,6 +321,7 @@ def choices(directory: str | Path | None = None, *, force: bool = False) -> dict
     return entry
 
 
+@torch.compiler.assume_constant_result
 def use_conv(shape_class: str, rows: Tensor, matrix: Tensor) -> bool:
     """Whether the product ``rows @ matrix`` of ``shape_class`` runs as a oneDNN 1x1
     convolution (else ``torch.mm``): the override, else off the CPU yes, else for a small

@@ -114,7 +114,7 @@ def center_pivot_conv4d(
         raise RuntimeError(f"support branch {tuple(support.shape)} != query branch "
                            f"{tuple(query.shape)}")
     autograd = torch.is_grad_enabled() and (support.requires_grad or query.requires_grad)
-    if autograd:
+    if autograd or torch.compiler.is_compiling():  # dynamo takes no strided ``out=``
         # Out of place: an in-place add into the support branch (a permuted view of its
         # conv's output) would make autograd copy the whole gradient back through the view
         # (CopySlices) in every backward pass. Both branches are channels-last 6D, so the
@@ -515,13 +515,15 @@ class SupportMatrixCache:
     def get(self, weight: Tensor, bias: Tensor, hb: int, wb: int, stride: int,
             dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # With autograd the matrix is part of this step's graph: built anew every call.
-        cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
+        # Under torch.compile too: the graph computes it from the weights (dynamo cannot
+        # compare the key's data pointers).
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+            return support_matrix(weight, bias, hb, wb, stride, dtype)
         key = (hb, wb, stride, dtype, tensors_key((weight, bias)))
-        if cacheable and self.entry is not None and self.key == key:
+        if self.entry is not None and self.key == key:
             return self.entry
-        entry = support_matrix(weight, bias, hb, wb, stride, dtype)
-        self.key, self.entry = (key, entry) if cacheable else (None, None)
-        return entry
+        self.key, self.entry = key, support_matrix(weight, bias, hb, wb, stride, dtype)
+        return self.entry
 
 
 def _pivot_maps(x: Tensor, stride: int) -> Tensor:

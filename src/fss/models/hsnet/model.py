@@ -132,9 +132,11 @@ class HSNet(nn.Module):
                     support_features = mask_features(support_features, support_masks)
                 # The learner's first 4D convs read large, partly masked-out levels as
                 # boxes (fss.ops.correlation.BoxedCorrelation) instead of mostly-zero
-                # tensors, in inference and in training.
+                # tensors, in inference and in training. A compiled learner gets dense
+                # levels: each episode's boxes would be new constants, a recompile each.
+                compiled = getattr(self.learner, "_compiled_call_impl", None) is not None
                 pyramid = hypercorrelation_pyramid(
-                    query_features, support_features, self.tap_groups, boxed=True)
+                    query_features, support_features, self.tap_groups, boxed=not compiled)
             logits = self.learner(pyramid)  # (B*K, 2, H/4, W/4)
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
             return logits.view(batch, shots, 2, height, width)
