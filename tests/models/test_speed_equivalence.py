@@ -390,3 +390,68 @@ def test_compiled_learner_trains_like_eager(monkeypatch) -> None:
     assert (compiled_losses - eager_losses).abs().max().item() <= 1e-5
     for got, want in zip(compiled_grads, eager_grads, strict=True):
         assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+FAST_AGAINST_REFERENCE = r"""
+import json, torch
+import fss.ops.correlation as correlation
+import fss.ops.conv4d as conv4d
+from fss.models import HSNet
+from fss.ops import fast_paths
+correlation.BOXED_MIN_POSITIONS = 0  # boxed levels at 128² too
+ran = {"boxed": 0, "one_node": 0}
+boxed, one_node = conv4d._boxed_conv, conv4d._SupportBranchAndPivots.apply
+def count(name, original):
+    def counted(*args):
+        ran[name] += 1
+        return original(*args)
+    return counted
+conv4d._boxed_conv = count("boxed", boxed)
+conv4d._SupportBranchAndPivots.apply = count("one_node", one_node)
+torch.manual_seed(0)
+model = HSNet("resnet18").train()
+generator = torch.Generator().manual_seed(5)
+query = torch.randn(2, 3, 128, 128, generator=generator)
+supports = torch.randn(2, 2, 3, 128, 128, generator=generator)
+masks = torch.zeros(2, 2, 128, 128)
+masks[..., 32:64, 24:96] = 1
+target = torch.zeros(2, 128, 128, dtype=torch.long)
+target[:, 40:80, 20:100] = 1
+result = {"capability": torch.backends.cpu.get_cpu_capability()}
+for fast in (True, False):
+    with fast_paths(fast):
+        loss = model.training_loss(query, supports, masks, target)["loss"]
+        grads = torch.autograd.grad(loss, model.trainable_parameters())
+        model.eval()
+        with torch.inference_mode():
+            logits = model.per_shot_logits(query, supports, masks)
+        model.train()
+    result[str(fast)] = (loss.detach(), grads, logits)
+    if fast:
+        result["ran"] = dict(ran)
+(loss, grads, logits), (ref_loss, ref_grads, ref_logits) = result.pop("True"), result.pop("False")
+result["loss"] = (loss - ref_loss).abs().item()
+result["gradients"] = max(((g - r).abs().max() / r.abs().max().clamp(min=1e-6)).item()
+                          for g, r in zip(grads, ref_grads))
+result["logits"] = (logits - ref_logits).abs().max().item()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("caps", [False, True], ids=["no-caps", "avx2-caps"])
+def test_hsnet_fast_paths_match_reference_under_isa_caps(caps: bool) -> None:
+    """With and without the three AVX2 caps (a new process each: the libraries read them
+    at start-up), HSNet's fast paths give the reference's training loss, learner
+    gradients (through the boxed conv, the one-node support branch and GroupNorm's
+    hand-written backward) and inference logits."""
+    from tests.helpers.isa import run_json_script
+
+    result = run_json_script(FAST_AGAINST_REFERENCE, caps)
+    if caps:
+        assert result["capability"] in ("AVX2", "DEFAULT")
+    assert result["ran"]["boxed"] > 0 and result["ran"]["one_node"] > 0
+    assert result["loss"] <= 1e-6
+    # fp32 summation order: the two paths' convolution backwards run in different layouts
+    # (1e-4 of a tensor's largest gradient measured on AVX2); a broken path is off by O(1).
+    assert result["gradients"] <= 5e-4
+    assert result["logits"] <= LOGIT_TOLERANCE
