@@ -172,12 +172,19 @@ def _strides(stride, maps: Tensor) -> tuple[int, int]:
     return tuple(min(s, size) for s, size in zip(strides, maps.shape[-2:], strict=True))
 
 
+def _conv2d_backward(grad: Tensor, maps: Tensor, weight: Tensor, stride, padding: int,
+                     needed: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of :func:`_conv2d`'s input, weight and bias for output gradient
+    ``grad``, each where ``needed`` says so (else None)."""
+    return torch.ops.aten.convolution_backward(
+        grad, maps, weight, [weight.shape[0]], list(_strides(stride, maps)),
+        [padding, padding], [1, 1], False, [0, 0], 1, needed)
+
+
 def _weight_gradient(grad: Tensor, maps: Tensor, weight: Tensor, stride, padding: int
                      ) -> Tensor:
     """The gradient of :func:`_conv2d`'s weight alone, for output gradient ``grad``."""
-    return torch.ops.aten.convolution_backward(
-        grad, maps, weight, None, list(_strides(stride, maps)), [padding, padding], [1, 1],
-        False, [0, 0], 1, [False, True, False])[1]
+    return _conv2d_backward(grad, maps, weight, stride, padding, [False, True, False])[1]
 
 
 def _windows_reaching(
@@ -418,36 +425,27 @@ class _SupportBranchAndPivots(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_support: Tensor | None, grad_maps: Tensor | None):
+    def backward(ctx, grad_support: Tensor, grad_maps: Tensor):
+        # Both outputs are used; autograd passes zeros for one that got no gradient.
         x, weight = ctx.saved_tensors
         stride = ctx.stride
         n, channels, ha, wa, hb, wb = x.shape
-        out_channels = weight.shape[0]
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = grad_weight = grad_bias = None
-        if grad_support is not None:
-            # The convolution's output gradient (N·Ha·Wa, C_out, Hb', Wb'), channels-last.
-            hb_out, wb_out = grad_support.shape[-2:]
-            rows = grad_support.permute(0, 2, 3, 4, 5, 1).reshape(
-                n * ha * wa, hb_out, wb_out, out_channels).permute(0, 3, 1, 2)
-            maps = x.permute(0, 2, 3, 1, 4, 5).reshape(n * ha * wa, channels, hb, wb)
-            grad_maps_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                rows, maps, weight.contiguous(memory_format=torch.channels_last),
-                [out_channels], list(_strides(stride, maps)), [weight.shape[-1] // 2] * 2,
-                [1, 1], False, [0, 0], 1, [needs_x, needs_weight, needs_bias])
-            if needs_x:
-                grad_x = grad_maps_x.permute(0, 2, 3, 1).reshape(n, ha, wa, hb, wb, channels)
-            if needs_weight:
-                grad_weight = grad_weight.contiguous()
-        if needs_x and grad_maps is not None:
+        needs_x = ctx.needs_input_grad[0]
+        # The convolution's output gradient (N·Ha·Wa, C_out, Hb', Wb'), channels-last.
+        hb_out, wb_out = grad_support.shape[-2:]
+        rows = grad_support.permute(0, 2, 3, 4, 5, 1).reshape(
+            n * ha * wa, hb_out, wb_out, -1).permute(0, 3, 1, 2)
+        maps = x.permute(0, 2, 3, 1, 4, 5).reshape(n * ha * wa, channels, hb, wb)
+        grad_x, grad_weight, grad_bias = _conv2d_backward(
+            rows, maps, weight.contiguous(memory_format=torch.channels_last), stride,
+            weight.shape[-1] // 2, list(ctx.needs_input_grad[:3]))
+        if grad_weight is not None:
+            grad_weight = grad_weight.contiguous()
+        if needs_x:
+            grad_x = grad_x.permute(0, 2, 3, 1).reshape(n, ha, wa, hb, wb, channels)
             # (N·Hb'·Wb', C, Ha, Wa) -> (N, Ha, Wa, Hb', Wb', C), added at the pivots.
-            hb_out, wb_out = math.ceil(hb / stride), math.ceil(wb / stride)
             pivots = grad_maps.permute(0, 2, 3, 1).reshape(n, hb_out, wb_out, ha, wa, channels)
-            pivots = pivots.permute(0, 3, 4, 1, 2, 5)
-            if grad_x is None:
-                grad_x = x.new_zeros(n, ha, wa, hb, wb, channels)
-            grad_x[:, :, :, ::stride, ::stride].add_(pivots)
-        if grad_x is not None:
+            grad_x[:, :, :, ::stride, ::stride].add_(pivots.permute(0, 3, 4, 1, 2, 5))
             grad_x = grad_x.permute(0, 5, 1, 2, 3, 4)
         return grad_x, grad_weight, grad_bias, None
 
