@@ -299,18 +299,22 @@ def test_unknown_impl_is_refused() -> None:
         center_pivot_conv4d(torch.randn(1, 2, 3, 3, 3, 3), *_weights(module), impl="fast_cpu")
 
 
-def _copy_slices_nodes(output: torch.Tensor) -> int:
-    """Backward nodes that copy a whole gradient back through a view (in-place op on a
-    view of a tensor in the graph)."""
-    seen, stack, count = set(), [output.grad_fn], 0
+def _backward_nodes(output: torch.Tensor) -> set:
+    """Every node of ``output``'s backward graph."""
+    seen, stack = set(), [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        count += type(node).__name__ == "CopySlices"
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return count
+    return seen
+
+
+def _copy_slices_nodes(output: torch.Tensor) -> int:
+    """Backward nodes that copy a whole gradient back through a view (in-place op on a
+    view of a tensor in the graph)."""
+    return sum(type(node).__name__ == "CopySlices" for node in _backward_nodes(output))
 
 
 def test_learner_blocks_train_without_copying_gradients_through_views() -> None:
@@ -374,17 +378,6 @@ def test_groupnorm6d_hand_written_backward_matches_autograd(affine) -> None:
     assert torch.autograd.gradcheck(lambda t: norm(channels_last_6d(t)), (small,))
 
 
-def _node_names(output: torch.Tensor) -> set[str]:
-    seen, stack = set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
-
-
 @pytest.mark.parametrize(("kernel", "stride", "support"),
                          [(5, 4, (13, 11)), (3, 2, (4, 4)), (3, 2, (7, 1)), (3, 1, (5, 4))])
 def test_level_gradient_from_one_node_equals_the_two_node_graph(kernel, stride, support,
@@ -404,7 +397,7 @@ def test_level_gradient_from_one_node_equals_the_two_node_graph(kernel, stride, 
             monkeypatch.setattr(conv4d_ops, "_one_backward_node", lambda *args: False)
         level = x.detach().requires_grad_(True)
         out = center_pivot_conv4d(level, *_weights(module), impl="fast")
-        names = _node_names(out)
+        names = {type(node).__name__ for node in _backward_nodes(out)}
         grads = torch.autograd.grad(out, [level, *module.parameters()],
                                     torch.linspace(-1, 1, out.numel()).view(out.shape))
         results[one_node] = (names, out, grads)
